@@ -1,0 +1,500 @@
+"""Flow Q-Learning (FQL) in one PyTorch file.
+
+Paper: Park, Li, Levine. "Flow Q-Learning", ICML 2025. https://arxiv.org/abs/2502.02538
+Official JAX code (whose numbers are the paper's): https://github.com/seohongpark/fql
+
+FQL trains three networks from one summed loss:
+  * a BC flow policy v(s, x_t, t) by flow matching on the dataset actions,
+  * a one-step policy mu(s, z) distilled from the BC flow and pushed up the critic,
+  * a critic Q(s, a) (two members) by TD learning with the one-step policy's next actions.
+
+Examples:
+  python fql.py --env ogbench-cube-single                  # alpha 300, task2, 1M steps
+  python fql.py --env ogbench-puzzle-3x3-task1 --alpha 1000
+  python fql.py --env cube-double-play-singletask-task2-v0 --no_compile
+  python fql.py --env ogbench-cube-single --resume          # continue a killed run
+"""
+import csv
+import dataclasses
+import math
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium
+import numpy as np
+import ogbench  # registers the OGBench environments with gymnasium
+import torch
+from torch import nn
+import tyro
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    env: str = "ogbench-cube-single"
+    """ogbench-<env> (its default task), ogbench-<env>-task<N>, or a full OGBench name such as
+    cube-single-play-singletask-task2-v0"""
+    seed: int = 0
+    """seed for torch, numpy and the evaluation episodes"""
+    offline_steps: int = 1_000_000
+    """number of gradient steps on the offline dataset"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    lr: float = 3e-4
+    """Adam learning rate (all three networks)"""
+    alpha: float | None = None
+    """distillation coefficient; default: the paper's value for the env (table in README), else 10"""
+    discount: float | None = None
+    """discount factor; default: 0.995 for antmaze-giant, humanoidmaze and antsoccer, else 0.99"""
+    q_agg: Literal["mean", "min"] | None = None
+    """how the target takes the two critic members; default: min for antmaze-large/giant, else mean"""
+    tau: float = 0.005
+    """Polyak rate of the target critic"""
+    normalize_q_loss: bool = False
+    """scale the Q term by 1 / mean|Q| (the official README suggests it for new tasks)"""
+    flow_steps: int = 10
+    """Euler steps when integrating the BC flow"""
+    actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden layer widths of the BC flow and the one-step policy"""
+    value_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden layer widths of each critic member"""
+    log_interval: int = 5_000
+    """steps between train/validation metric rows in train.csv"""
+    eval_interval: int = 100_000
+    """steps between evaluations in the environment (0: never)"""
+    eval_episodes: int = 50
+    """episodes per evaluation"""
+    save_interval: int = 100_000
+    """steps between checkpoints (one more is written at the end)"""
+    dataset_dir: str = "~/.ogbench/data"
+    """where the OGBench .npz files are (downloaded there when missing and online)"""
+    run_dir: str | None = None
+    """folder for train.csv, eval.csv and checkpoint.pt; default: runs/<env>__seed<seed>"""
+    device: str = "auto"
+    """torch device; auto: cuda when available, else cpu"""
+    compile: bool = True
+    """compile the update with torch.compile (--no_compile runs eager)"""
+    resume: bool = False
+    """continue the run in run_dir from its last checkpoint (give the same command again)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (needs `pip install wandb`)"""
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments and per-environment defaults (paper, Tables 5-6; official code)
+# ----------------------------------------------------------------------------------------------
+# alias: (OGBench dataset, default task, alpha, extra flags)
+ENVS = {
+    "antmaze-large": ("antmaze-large-navigate", 1, 10, dict(q_agg="min")),
+    "antmaze-giant": ("antmaze-giant-navigate", 1, 10, dict(discount=0.995, q_agg="min")),
+    "humanoidmaze-medium": ("humanoidmaze-medium-navigate", 1, 30, dict(discount=0.995)),
+    "humanoidmaze-large": ("humanoidmaze-large-navigate", 1, 30, dict(discount=0.995)),
+    "antsoccer-arena": ("antsoccer-arena-navigate", 4, 10, dict(discount=0.995)),
+    "cube-single": ("cube-single-play", 2, 300, {}),
+    "cube-double": ("cube-double-play", 2, 300, {}),
+    "scene": ("scene-play", 2, 300, {}),
+    "puzzle-3x3": ("puzzle-3x3-play", 4, 1000, {}),
+    "puzzle-4x4": ("puzzle-4x4-play", 4, 1000, {}),
+}
+DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean")  # official agent config
+
+
+def resolve_env(name: str) -> tuple[str, dict]:
+    """Map a user's env name to (full OGBench single-task name, per-env defaults)."""
+    if name.startswith(("visual-", "ogbench-visual-")):
+        raise UsageError(f"{name}: pixel-based (visual-*) tasks are not supported yet; use a state-based env")
+    alias = re.fullmatch(r"ogbench-(.+?)(?:-task(\d+))?", name)
+    if alias and alias[1] in ENVS:
+        dataset, default_task, alpha, extra = ENVS[alias[1]]
+        task = int(alias[2] or default_task)
+        if not 1 <= task <= 5:
+            raise UsageError(f"{name}: OGBench single-task envs have tasks 1 to 5")
+        return f"{dataset}-singletask-task{task}-v0", dict(alpha=alpha, **extra)
+    full = re.fullmatch(r"(.+)-(\w+)-singletask(-task\d+)?-v0", name)
+    if full and f"{full[1]}-singletask{full[3] or ''}-v0" in gymnasium.registry:
+        for dataset, _, alpha, extra in ENVS.values():
+            if dataset == f"{full[1]}-{full[2]}":
+                return name, dict(alpha=alpha, **extra)
+        return name, {}
+    valid = ", ".join(f"ogbench-{a}" for a in ENVS)
+    raise UsageError(f"unknown env {name!r}. Valid: {valid} (add -task1..-task5 for another task), "
+                     "or a full OGBench single-task name such as cube-single-play-singletask-task2-v0")
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Check the config and fill the per-environment defaults the user did not set."""
+    for field in ("offline_steps", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes"):
+        if getattr(cfg, field) <= 0:
+            raise UsageError(f"--{field} must be positive, got {getattr(cfg, field)}")
+    if cfg.eval_interval < 0:
+        raise UsageError("--eval_interval must be >= 0 (0 turns evaluation off)")
+    env_name, env_defaults = resolve_env(cfg.env)
+    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
+              for k, v in {**DEFAULTS, **env_defaults}.items()}
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{cfg.seed}")
+    return dataclasses.replace(cfg, env=env_name, device=device, run_dir=run_dir, **filled)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: OGBench datasets, moved to the device once; batches are sampled there
+# ----------------------------------------------------------------------------------------------
+ACTION_CLIP = 1 - 1e-5  # dataset actions are clipped so the flow never has to reach exactly +-1
+
+
+def load_ogbench(env_name: str, dataset_dir: str):
+    """Return (env, train, val) for an OGBench single-task env, with rewards and masks for its task."""
+    splits = env_name.split("-")
+    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])
+    dataset_dir = os.path.expanduser(dataset_dir)
+    files = [f"{dataset_name}.npz", f"{dataset_name}-val.npz"]
+    if not all(os.path.exists(os.path.join(dataset_dir, f)) for f in files):
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # a blocked network should fail, not hang forever
+        try:
+            ogbench.download_datasets([dataset_name], dataset_dir)
+        except OSError as err:
+            raise UsageError(f"dataset files {files[0]} and {files[1]} are not in {dataset_dir} and could not be "
+                             f"downloaded ({err}). Copy them there, or pass --dataset_dir DIR.") from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir)
+    return env, train, val
+
+
+def to_device(dataset: dict, device) -> dict:
+    """Keep what the update needs as float32 tensors on the device."""
+    keys = ("observations", "actions", "rewards", "masks", "next_observations")
+    data = {k: torch.as_tensor(np.asarray(dataset[k], dtype=np.float32), device=device) for k in keys}
+    data["actions"] = data["actions"].clamp(-ACTION_CLIP, ACTION_CLIP)
+    return data
+
+
+def sample_batch(data: dict, batch_size: int) -> dict:
+    """Uniform transitions, indexed on the device (no host-to-device copy per step)."""
+    n = data["observations"].shape[0]
+    idx = torch.randint(n, (batch_size,), device=data["observations"].device)
+    return {k: v[idx] for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Hidden layers Linear -> GELU(tanh) [-> LayerNorm]; a plain Linear output. As flax's MLP in the
+    official code: Xavier-uniform weights everywhere, zero biases, LayerNorm eps 1e-6."""
+
+    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, layer_norm: bool):
+        super().__init__()
+        layers, dim = [], in_dim
+        for width in hidden_dims:
+            layers += [nn.Linear(dim, width), nn.GELU(approximate="tanh")]
+            if layer_norm:
+                layers.append(nn.LayerNorm(width, eps=1e-6))
+            dim = width
+        layers.append(nn.Linear(dim, out_dim))
+        self.net = nn.Sequential(*layers)
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat(inputs, dim=-1))
+
+
+class Critic(nn.Module):
+    """Two independently initialised Q(s, a) members; returns shape (2, batch)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...]):
+        super().__init__()
+        self.members = nn.ModuleList(MLP(obs_dim + action_dim, hidden_dims, 1, layer_norm=True) for _ in range(2))
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return torch.stack([q(obs, actions).squeeze(-1) for q in self.members])
+
+
+class FQLNetworks(nn.Module):
+    def __init__(self, obs_dim: int, action_dim: int, cfg: Config):
+        super().__init__()
+        self.critic = Critic(obs_dim, action_dim, cfg.value_hidden_dims)
+        self.target_critic = Critic(obs_dim, action_dim, cfg.value_hidden_dims).requires_grad_(False)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        # v(s, x_t, t): t enters as a raw scalar column, as in the official code
+        self.actor_bc_flow = MLP(obs_dim + action_dim + 1, cfg.actor_hidden_dims, action_dim, layer_norm=False)
+        # mu(s, z): one network call maps noise to an action
+        self.actor_onestep = MLP(obs_dim + action_dim, cfg.actor_hidden_dims, action_dim, layer_norm=False)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def with_frozen_params(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """Call `module` with detached parameters: gradients reach the inputs but never the weights
+    (the official code calls the critic without `grad_params` for the actor's Q term)."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, inputs)
+
+
+def flow_actions(actor_bc_flow: nn.Module, obs: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Euler-integrate the BC flow from x_0 = noise over t = 0, 1/steps, ..., then clip to [-1, 1]."""
+    x = noise
+    for i in range(steps):
+        t = torch.full_like(x[..., :1], i / steps)
+        x = x + actor_bc_flow(obs, x, t) / steps
+    return x.clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (paper Section 4 and Algorithm 1)
+# ----------------------------------------------------------------------------------------------
+def draw_noise(batch_size: int, action_dim: int, device) -> dict:
+    """All random draws of one update, in one place, so tests can fix them."""
+    shape = (batch_size, action_dim)
+    return dict(
+        x0=torch.randn(shape, device=device),  # BC flow: source sample
+        t=torch.rand((batch_size, 1), device=device),  # BC flow: time, per sample
+        z=torch.randn(shape, device=device),  # one-step policy noise for distillation and Q term
+        z_next=torch.randn(shape, device=device),  # one-step policy noise for the next actions a'
+    )
+
+
+def fql_losses(nets: FQLNetworks, batch: dict, noise: dict, cfg: Config, with_metrics: bool = False):
+    """Return (critic loss + actor loss, metrics). Pure: all randomness comes in `noise`.
+    Metrics (official keys) are only computed when asked for, at log steps."""
+    obs, actions = batch["observations"], batch["actions"]
+
+    # Critic, L_Q(phi): TD target from the target critic at a' = clip(mu(s', z'))
+    with torch.no_grad():
+        next_actions = nets.actor_onestep(batch["next_observations"], noise["z_next"]).clamp(-1, 1)
+        next_qs = nets.target_critic(batch["next_observations"], next_actions)
+        next_q = next_qs.min(dim=0).values if cfg.q_agg == "min" else next_qs.mean(dim=0)
+        target_q = batch["rewards"] + cfg.discount * batch["masks"] * next_q
+    q = nets.critic(obs, actions)
+    critic_loss = (q - target_q).pow(2).mean()
+
+    # BC flow matching, L_Flow(theta): regress the velocity x_1 - x_0 at x_t = (1 - t) x_0 + t x_1
+    x0, x1, t = noise["x0"], actions, noise["t"]
+    x_t = (1 - t) * x0 + t * x1
+    bc_flow_loss = (nets.actor_bc_flow(obs, x_t, t) - (x1 - x0)).pow(2).mean()
+
+    # One-step distillation, L_Distill(omega): match the BC flow's action for the same noise; no gradient into the flow
+    with torch.no_grad():
+        target_flow_actions = flow_actions(nets.actor_bc_flow, obs, noise["z"], cfg.flow_steps)
+    onestep_actions = nets.actor_onestep(obs, noise["z"])
+    distill_loss = (onestep_actions - target_flow_actions).pow(2).mean()
+
+    # Q term of the one-step policy loss L_pi(omega): maximise Q at the clipped one-step action;
+    # the critic's weights get no gradient from it
+    policy_actions = onestep_actions.clamp(-1, 1)
+    policy_q = with_frozen_params(nets.critic, obs, policy_actions).mean(dim=0)
+    q_loss = -policy_q.mean()
+    if cfg.normalize_q_loss:
+        q_loss = q_loss / policy_q.abs().mean().detach()
+
+    actor_loss = bc_flow_loss + cfg.alpha * distill_loss + q_loss
+    if not with_metrics:
+        return critic_loss + actor_loss, {}
+    metrics = {
+        "critic/critic_loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_max": q.max(), "critic/q_min": q.min(),
+        "actor/actor_loss": actor_loss, "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
+        "actor/q_loss": q_loss, "actor/q": policy_q.mean(),
+        # the official code draws separate noise for this diagnostic; the same z is as good a sample
+        "actor/mse": (policy_actions - actions).pow(2).mean(),
+    }
+    return critic_loss + actor_loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Agent: one Adam step on the summed loss, then the Polyak target update
+# ----------------------------------------------------------------------------------------------
+class FQLAgent:
+    def __init__(self, obs_dim: int, action_dim: int, cfg: Config):
+        self.cfg, self.action_dim = cfg, action_dim
+        self.nets = FQLNetworks(obs_dim, action_dim, cfg).to(cfg.device)
+        self.optimizer = torch.optim.Adam(self.nets.trainable_parameters(), lr=cfg.lr)
+        self.critic_params = list(self.nets.critic.parameters())
+        self.target_params = list(self.nets.target_critic.parameters())
+        self.update = torch.compile(self.update_eager) if cfg.compile else self.update_eager
+
+    def update_eager(self, batch: dict, noise: dict, with_metrics: bool = False) -> dict:
+        loss, metrics = fql_losses(self.nets, batch, noise, self.cfg, with_metrics)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # The official code moves the target towards the critic's parameters from before this step,
+        # so the lerp comes before optimizer.step().
+        with torch.no_grad():
+            torch._foreach_lerp_(self.target_params, self.critic_params, self.cfg.tau)
+        self.optimizer.step()
+        return metrics
+
+    @torch.no_grad()
+    def act(self, observations: np.ndarray) -> np.ndarray:
+        """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]."""
+        obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
+        z = torch.randn((*obs.shape[:-1], self.action_dim), device=obs.device)
+        return self.nets.actor_onestep(obs, z).clamp(-1, 1).cpu().numpy()
+
+    def state_dict(self) -> dict:
+        return dict(nets=self.nets.state_dict(), optimizer=self.optimizer.state_dict())
+
+    def load_state_dict(self, state: dict):
+        self.nets.load_state_dict(state["nets"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and logs: nothing written is lost when a run is killed
+# ----------------------------------------------------------------------------------------------
+# Fields that may change between a killed run and its resumption
+RESUMABLE_CHANGES = {"resume", "offline_steps", "log_interval", "eval_interval", "eval_episodes",
+                     "save_interval", "device", "compile", "wandb_project", "dataset_dir"}
+
+
+def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config):
+    """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact."""
+    state = dict(agent.state_dict(), step=step, config=dataclasses.asdict(cfg), rng=dict(
+        torch=torch.get_rng_state(), numpy=np.random.get_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, agent: FQLAgent, cfg: Config) -> int:
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: no checkpoint at {path}; start without --resume, or pass the run's --run_dir")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = [k for k, v in dataclasses.asdict(cfg).items()
+               if k not in RESUMABLE_CHANGES and state["config"].get(k) != v]
+    if changed:
+        raise UsageError(f"--resume: this command differs from the checkpoint's run in {', '.join(changed)}; "
+                         "give the same flags as the original run")
+    agent.load_state_dict(state)
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+class CSVLog:
+    """Append rows to a CSV file; on resume, rows written after the checkpoint are dropped."""
+
+    def __init__(self, path: str, keep_until_step: int):
+        self.path, self.fields, rows = path, None, []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+        if rows:
+            self.fields = list(rows[0])
+        with open(path, "w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def write(self, row: dict):
+        if self.fields is None:
+            self.fields = list(row)
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, self.fields).writeheader()
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow(row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+def train(cfg: Config) -> FQLAgent:
+    from eval import evaluate  # imported here because eval.py builds on this file
+
+    cfg = resolve_config(cfg)
+    ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
+    if not cfg.resume and os.path.exists(ckpt_path):
+        raise UsageError(f"{cfg.run_dir} already holds a run; add --resume to continue it, "
+                         "or pass another --run_dir")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX uses by default on GPU
+
+    env, train_set, val_set = load_ogbench(cfg.env, cfg.dataset_dir)
+    train_data, val_data = to_device(train_set, cfg.device), to_device(val_set, cfg.device)
+    obs_dim, action_dim = train_data["observations"].shape[1], train_data["actions"].shape[1]
+    agent = FQLAgent(obs_dim, action_dim, cfg)
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    start = load_checkpoint(ckpt_path, agent, cfg) if cfg.resume else 0
+    train_log = CSVLog(os.path.join(cfg.run_dir, "train.csv"), keep_until_step=start)
+    eval_log = CSVLog(os.path.join(cfg.run_dir, "eval.csv"), keep_until_step=start)
+    wandb = None
+    if cfg.wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--wandb_project needs wandb: pip install wandb") from None
+        wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg))
+
+    print(f"FQL on {cfg.env}: {len(train_data['actions'])} transitions, obs {obs_dim}, action {action_dim}, "
+          f"alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run dir {cfg.run_dir}")
+    progress = tqdm(range(start + 1, cfg.offline_steps + 1), initial=start, total=cfg.offline_steps,
+                    unit="update", smoothing=0.05)
+    last_time, last_step = time.time(), start
+    for step in progress:
+        log_now = step % cfg.log_interval == 0
+        batch = sample_batch(train_data, cfg.batch_size)
+        metrics = agent.update(batch, draw_noise(cfg.batch_size, action_dim, cfg.device), with_metrics=log_now)
+
+        if log_now:  # the only host synchronisation between steps
+            with torch.no_grad():
+                val_batch = sample_batch(val_data, cfg.batch_size)
+                _, val_metrics = fql_losses(agent.nets, val_batch, draw_noise(cfg.batch_size, action_dim, cfg.device),
+                                            cfg, with_metrics=True)
+            row = {"step": step, **{k: v.item() for k, v in metrics.items()},
+                   **{f"validation/{k}": v.item() for k, v in val_metrics.items()}}
+            row["time/updates_per_sec"] = (step - last_step) / (time.time() - last_time)
+            last_time, last_step = time.time(), step
+            if not all(math.isfinite(v) for v in row.values()):
+                progress.write(f"warning: non-finite metrics at step {step}")
+            train_log.write(row)
+            progress.set_postfix(critic=f"{row['critic/critic_loss']:.3g}", bc=f"{row['actor/bc_flow_loss']:.3g}")
+            if wandb:
+                wandb.log(row, step=step)
+
+        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.offline_steps):
+            result = evaluate(agent.act, env, cfg.eval_episodes, seed=cfg.seed + step)
+            eval_log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
+            progress.write(f"step {step}: success {result['success']:.3f}, return {result['return']:.1f}")
+            if wandb:
+                wandb.log({f"evaluation/{k}": v for k, v in result.items()}, step=step)
+            last_time = time.time()  # evaluation time does not count against updates/s
+
+        if step % cfg.save_interval == 0 or step == cfg.offline_steps:
+            save_checkpoint(ckpt_path, agent, step, cfg)
+    progress.close()
+    return agent
+
+
+def main(argv: list[str] | None = None):
+    cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.split("\n")[0])
+    try:
+        return train(cfg)
+    except UsageError as err:
+        sys.exit(f"fql.py: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

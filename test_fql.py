@@ -1,0 +1,510 @@
+"""Tests for fql.py and eval.py. CPU only, no network: every dataset is built here.
+
+Run: python -m pytest -q test_fql.py
+"""
+import copy
+import csv
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import eval as fql_eval
+import fql
+
+SMALL = ("--actor_hidden_dims", "32", "32", "--value_hidden_dims", "32", "32")
+
+
+def make_config(**overrides) -> fql.Config:
+    """A resolved config with small networks, on the CPU, eager unless asked."""
+    base = dict(env="ogbench-cube-single", alpha=3.0, discount=0.99, q_agg="mean", device="cpu", compile=False,
+                actor_hidden_dims=(32, 32), value_hidden_dims=(32, 32))
+    return fql.Config(**{**base, **overrides})
+
+
+def random_batch(n: int, obs_dim: int, action_dim: int, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(123)
+    return dict(
+        observations=torch.randn(n, obs_dim, generator=g, dtype=dtype),
+        actions=torch.rand(n, action_dim, generator=g, dtype=dtype) * 2 - 1,
+        rewards=-torch.randint(0, 2, (n,), generator=g).to(dtype),
+        masks=torch.randint(0, 2, (n,), generator=g).to(dtype),
+        next_observations=torch.randn(n, obs_dim, generator=g, dtype=dtype),
+    )
+
+
+def fixed_noise(n: int, action_dim: int, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(456)
+    return dict(x0=torch.randn(n, action_dim, generator=g, dtype=dtype),
+                t=torch.rand(n, 1, generator=g, dtype=dtype),
+                z=torch.randn(n, action_dim, generator=g, dtype=dtype),
+                z_next=torch.randn(n, action_dim, generator=g, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# A direct computation of DESIGN.md's formulas, written independently of fql.py's modules
+# ----------------------------------------------------------------------------------------------
+def manual_mlp(mlp: fql.MLP, x: torch.Tensor, layer_norm: bool) -> torch.Tensor:
+    linears = [m for m in mlp.net if isinstance(m, nn.Linear)]
+    norms = [m for m in mlp.net if isinstance(m, nn.LayerNorm)]
+    for i, linear in enumerate(linears[:-1]):
+        x = x @ linear.weight.T + linear.bias
+        x = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))  # GELU, tanh form
+        if layer_norm:
+            mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+            x = (x - mean) / torch.sqrt(var + 1e-6) * norms[i].weight + norms[i].bias
+    return x @ linears[-1].weight.T + linears[-1].bias
+
+
+def manual_q(critic: fql.Critic, obs, actions):
+    return torch.stack([manual_mlp(m, torch.cat([obs, actions], -1), True)[:, 0] for m in critic.members])
+
+
+def manual_losses(nets: fql.FQLNetworks, b: dict, n: dict, cfg: fql.Config) -> dict:
+    """Each loss term of DESIGN.md, with gradients only where DESIGN.md allows them."""
+    obs, a = b["observations"], b["actions"]
+    with torch.no_grad():
+        next_a = manual_mlp(nets.actor_onestep, torch.cat([b["next_observations"], n["z_next"]], -1), False)
+        next_qs = manual_q(nets.target_critic, b["next_observations"], next_a.clamp(-1, 1))
+        next_q = next_qs.min(0).values if cfg.q_agg == "min" else next_qs.mean(0)
+        target = b["rewards"] + cfg.discount * b["masks"] * next_q
+        x = n["z"]
+        for i in range(cfg.flow_steps):
+            t = torch.full_like(x[:, :1], i / cfg.flow_steps)
+            x = x + manual_mlp(nets.actor_bc_flow, torch.cat([obs, x, t], -1), False) / cfg.flow_steps
+        flow_target = x.clamp(-1, 1)
+    critic = ((manual_q(nets.critic, obs, a) - target) ** 2).mean()
+    x_t = (1 - n["t"]) * n["x0"] + n["t"] * a
+    bc = ((manual_mlp(nets.actor_bc_flow, torch.cat([obs, x_t, n["t"]], -1), False) - (a - n["x0"])) ** 2).mean()
+    mu = manual_mlp(nets.actor_onestep, torch.cat([obs, n["z"]], -1), False)
+    distill = ((mu - flow_target) ** 2).mean()
+    frozen_critic = copy.deepcopy(nets.critic).requires_grad_(False)
+    q = manual_q(frozen_critic, obs, mu.clamp(-1, 1)).mean(0)
+    q_loss = -q.mean()
+    if cfg.normalize_q_loss:
+        q_loss = q_loss / q.abs().mean().detach()
+    return dict(critic=critic, bc=bc, distill=distill, q_loss=q_loss, q=q.mean(),
+                total=critic + bc + cfg.alpha * distill + q_loss)
+
+
+def float64_setup(**cfg_overrides):
+    """Networks and inputs in float64, so a deviation from the formulas stands out of rounding."""
+    torch.manual_seed(0)
+    cfg = make_config(**cfg_overrides)
+    nets = fql.FQLNetworks(7, 3, cfg).double()
+    with torch.no_grad():  # a target critic that differs from the critic, as after some training
+        for p in nets.target_critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        nets.actor_onestep.net[-1].weight.mul_(5)  # actions beyond [-1, 1], so the clipping matters
+    return cfg, nets, random_batch(64, 7, 3, torch.float64), fixed_noise(64, 3, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and gradients
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("q_agg,normalize_q_loss", [("mean", False), ("min", False), ("mean", True)])
+def test_losses_equal_direct_formulas(q_agg, normalize_q_loss):
+    cfg, nets, batch, noise = float64_setup(q_agg=q_agg, normalize_q_loss=normalize_q_loss)
+    total, metrics = fql.fql_losses(nets, batch, noise, cfg, with_metrics=True)
+    expected = manual_losses(nets, batch, noise, cfg)
+    close = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["critic/critic_loss"], expected["critic"], **close)
+    torch.testing.assert_close(metrics["actor/bc_flow_loss"], expected["bc"], **close)
+    torch.testing.assert_close(metrics["actor/distill_loss"], expected["distill"], **close)
+    torch.testing.assert_close(metrics["actor/q_loss"], expected["q_loss"], **close)
+    torch.testing.assert_close(metrics["actor/q"], expected["q"], **close)
+    torch.testing.assert_close(total, expected["total"], **close)
+    torch.testing.assert_close(metrics["actor/actor_loss"], expected["total"] - expected["critic"], **close)
+    assert expected["distill"].item() > 0 and expected["critic"].item() > 0  # the check is not vacuous
+    assert nets.actor_onestep(batch["observations"], noise["z"]).abs().max() > 1  # clipping is exercised
+
+
+def test_dataset_on_device_clips_actions_and_samples_whole_transitions():
+    n = 1000
+    index = np.arange(n, dtype=np.float32)
+    dataset = dict(observations=np.stack([index, index], 1), next_observations=np.stack([index + 1, index], 1),
+                   actions=np.linspace(-1, 1, n)[:, None], rewards=-index, masks=index % 2, terminals=index * 0)
+    data = fql.to_device(dataset, "cpu")
+    assert set(data) == {"observations", "actions", "rewards", "masks", "next_observations"}
+    assert data["actions"].dtype == torch.float32
+    assert data["actions"].max() == np.float32(1 - 1e-5) and data["actions"].min() == np.float32(-1 + 1e-5)
+    batch = fql.sample_batch(data, 4096)
+    i = batch["observations"][:, 0]
+    assert torch.equal(batch["next_observations"][:, 0], i + 1) and torch.equal(batch["rewards"], -i)
+    assert torch.equal(batch["masks"], i % 2) and len(torch.unique(i)) > 900  # uniform over the dataset
+
+
+def test_min_and_mean_aggregation_give_different_targets():
+    cfg_mean, nets, batch, noise = float64_setup(q_agg="mean")
+    loss_mean = fql.fql_losses(nets, batch, noise, cfg_mean, True)[1]["critic/critic_loss"]
+    loss_min = fql.fql_losses(nets, batch, noise, dataclasses.replace(cfg_mean, q_agg="min"), True)[1]
+    assert not torch.isclose(loss_mean, loss_min["critic/critic_loss"])
+
+
+def grads(loss: torch.Tensor, module: nn.Module) -> list:
+    params = list(module.parameters())
+    got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(got, params, strict=True)]
+
+
+@pytest.mark.parametrize("normalize_q_loss", [False, True])
+def test_gradients_flow_only_where_they_must(normalize_q_loss):
+    """Each network's gradient from the summed loss equals the gradient of exactly its own terms:
+    the distillation target sends nothing into the BC flow, the Q term nothing into the critic,
+    and the critic loss (through a') nothing into the one-step policy."""
+    cfg, nets, batch, noise = float64_setup(normalize_q_loss=normalize_q_loss)
+    total, _ = fql.fql_losses(nets, batch, noise, cfg)
+    e = manual_losses(nets, batch, noise, cfg)
+    own_terms = {"critic": e["critic"], "actor_bc_flow": e["bc"],
+                 "actor_onestep": cfg.alpha * e["distill"] + e["q_loss"]}
+    for name, own in own_terms.items():
+        module = getattr(nets, name)
+        for got, want in zip(grads(total, module), grads(own, module), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # and the paths that must carry gradient really do
+    assert all(g.abs().sum() > 0 for g in grads(e["q_loss"], nets.actor_onestep)[-1:])
+    assert grads(e["bc"], nets.actor_bc_flow)[-1].abs().sum() > 0
+    # the summed loss never touches the target critic
+    assert all(not p.requires_grad for p in nets.target_critic.parameters())
+
+
+def test_q_term_alone_moves_one_step_policy_but_not_critic():
+    cfg, nets, batch, noise = float64_setup(alpha=0.0)
+    # With alpha = 0, the one-step policy's only loss is the Q term
+    total, _ = fql.fql_losses(nets, batch, noise, cfg)
+    onestep_grad = grads(total, nets.actor_onestep)
+    assert sum(float(g.abs().sum()) for g in onestep_grad) > 0
+    q_only = manual_losses(nets, batch, noise, cfg)["q_loss"]
+    for got, want in zip(onestep_grad, grads(q_only, nets.actor_onestep), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert all(float(g.abs().sum()) == 0 for g in grads(q_only, nets.critic))
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation, optimiser, target network
+# ----------------------------------------------------------------------------------------------
+def test_initialisation_matches_official():
+    torch.manual_seed(0)
+    nets = fql.FQLNetworks(20, 4, make_config(actor_hidden_dims=(256, 256), value_hidden_dims=(256, 256)))
+    for name in ("critic", "actor_bc_flow", "actor_onestep"):
+        linears = [m for m in getattr(nets, name).modules() if isinstance(m, nn.Linear)]
+        assert len(linears) == (6 if name == "critic" else 3)  # 2 hidden + output, per member
+        for linear in linears:  # Xavier uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+            bound = math.sqrt(6 / (linear.in_features + linear.out_features))
+            w = linear.weight
+            assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+            assert abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound
+            assert torch.all(linear.bias == 0)
+    norms = [m for m in nets.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 2 * 2 and all(m.eps == 1e-6 for m in norms)  # critic and target only
+    assert not any(isinstance(m, nn.LayerNorm) for m in nets.actor_bc_flow.modules())
+    assert all(m.approximate == "tanh" for m in nets.modules() if isinstance(m, nn.GELU))
+    first, second = nets.critic.members
+    assert not torch.equal(first.net[0].weight, second.net[0].weight)
+    for p, tp in zip(nets.critic.parameters(), nets.target_critic.parameters(), strict=True):
+        assert torch.equal(p, tp)
+
+
+def test_every_parameter_is_optimised_and_target_moves_by_tau():
+    torch.manual_seed(0)
+    cfg = make_config(tau=0.25)
+    agent = fql.FQLAgent(7, 3, cfg)
+    nets = agent.nets
+    in_optimiser = {id(p) for group in agent.optimizer.param_groups for p in group["params"]}
+    trained = [*nets.critic.parameters(), *nets.actor_bc_flow.parameters(), *nets.actor_onestep.parameters()]
+    assert in_optimiser == {id(p) for p in trained}
+    assert not in_optimiser & {id(p) for p in nets.target_critic.parameters()}
+
+    before = {name: p.detach().clone() for name, p in nets.named_parameters()}
+    agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
+    for name, p in nets.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), f"{name} did not change"
+    # The target moves towards the critic's PRE-step parameters, equal to the target at step 1:
+    # so the first update leaves the target where it started.
+    for name, p in nets.target_critic.named_parameters():
+        assert torch.equal(p, before[f"target_critic.{name}"])
+    before = {name: p.detach().clone() for name, p in nets.named_parameters()}
+    agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
+    for name, p in nets.target_critic.named_parameters():
+        expected = 0.75 * before[f"target_critic.{name}"] + 0.25 * before[f"critic.{name}"]
+        assert not torch.equal(p, before[f"target_critic.{name}"])
+        torch.testing.assert_close(p, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Behaviour: a contextual bandit with two action modes of different value
+# ----------------------------------------------------------------------------------------------
+def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
+    torch.manual_seed(0)
+    n = 4096
+    context = torch.rand(n, 2) * 2 - 1
+    mode = torch.randint(0, 2, (n, 1)) * 2 - 1.0  # -1 or +1, half each
+    actions = (0.6 * mode + 0.05 * torch.randn(n, 1)).clamp(-1, 1)
+    better = torch.sign(context[:, :1])  # the better mode flips with the context
+    rewards = (mode == better).float()[:, 0]
+    data = dict(observations=context, actions=actions, rewards=rewards, masks=torch.zeros(n),
+                next_observations=context)
+    # alpha 0.3: leaving the flow's mode costs alpha * 1.2^2 = 0.43 of distillation loss for a Q gain of 1
+    cfg = make_config(alpha=0.3, actor_hidden_dims=(128, 128), value_hidden_dims=(128, 128), lr=1e-3)
+    agent = fql.FQLAgent(2, 1, cfg)
+    for _ in range(1000):
+        agent.update(fql.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
+
+    test_context = torch.rand(2000, 2) * 2 - 1
+    better_sign = torch.sign(test_context[:, :1])
+    with torch.no_grad():
+        flow = fql.flow_actions(agent.nets.actor_bc_flow, test_context, torch.randn(2000, 1), cfg.flow_steps)
+    near_plus, near_minus = ((flow - 0.6).abs() < 0.2).float().mean(), ((flow + 0.6).abs() < 0.2).float().mean()
+    assert near_plus > 0.3 and near_minus > 0.3, (near_plus, near_minus)  # both modes, about half each
+    assert (torch.sign(flow) == better_sign).float().mean() < 0.6  # the BC flow ignores rewards
+
+    policy = torch.as_tensor(agent.act(test_context.numpy()))
+    picks_better = (torch.sign(policy) == better_sign).float().mean()
+    assert picks_better > 0.8, picks_better
+
+
+# ----------------------------------------------------------------------------------------------
+# A real OGBench environment: tiny dataset, CLI run, evaluation, checkpoints, resume
+# ----------------------------------------------------------------------------------------------
+def write_cube_dataset(directory, train_episodes=3, val_episodes=1, steps=100, seed=0):
+    """Step OGBench's cube-single-v0 with random actions and save it in OGBench's file layout."""
+    env = gymnasium.make("cube-single-v0", terminate_at_goal=False, max_episode_steps=steps)
+    rng = np.random.default_rng(seed)
+    for name, episodes in (("cube-single-play-v0.npz", train_episodes), ("cube-single-play-v0-val.npz", val_episodes)):
+        cols = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+        for _ in range(episodes):
+            ob, _ = env.reset(seed=int(rng.integers(1 << 30)))
+            for t in range(steps):
+                action = rng.uniform(-1, 1, 5).astype(np.float32)
+                next_ob, _, _, _, info = env.step(action)
+                for k, v in (("observations", ob), ("actions", action), ("terminals", t == steps - 1),
+                             ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):
+                    cols[k].append(v)
+                ob = next_ob
+        np.savez(os.path.join(directory, name), **{k: np.asarray(v, dtype=bool if k == "terminals" else np.float32)
+                                                   for k, v in cols.items()})
+
+
+@pytest.fixture(scope="module")
+def cube_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ogbench")
+    write_cube_dataset(str(directory))
+    return str(directory)
+
+
+def run_cli(cube_data, run_dir, *flags):
+    return fql.main(["--env", "ogbench-cube-single", "--dataset_dir", cube_data, "--run_dir", str(run_dir),
+                     "--no-compile", "--eval_interval", "0", *SMALL, *flags])
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_real_run_trains_logs_evaluates_and_checkpoints(cube_data, tmp_path):
+    run_dir = tmp_path / "run"
+    agent = run_cli(cube_data, run_dir, "--offline_steps", "300", "--log_interval", "100", "--save_interval", "150",
+                    "--eval_interval", "300", "--eval_episodes", "2", "--batch_size", "64")
+    rows = read_csv(run_dir / "train.csv")
+    assert [int(r["step"]) for r in rows] == [100, 200, 300]
+    for key in ("critic/critic_loss", "critic/q_mean", "critic/q_max", "critic/q_min", "actor/actor_loss",
+                "actor/bc_flow_loss", "actor/distill_loss", "actor/q_loss", "actor/q", "actor/mse",
+                "validation/critic/critic_loss", "validation/actor/bc_flow_loss", "time/updates_per_sec"):
+        assert all(math.isfinite(float(r[key])) for r in rows), key
+    assert float(rows[-1]["actor/bc_flow_loss"]) < float(rows[0]["actor/bc_flow_loss"])
+    (evaluation,) = read_csv(run_dir / "eval.csv")
+    assert int(evaluation["step"]) == 300 and float(evaluation["evaluation/length"]) == 200  # cube-single: 200 steps
+    assert 0 <= float(evaluation["evaluation/success"]) <= 1
+
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 300
+    assert state["config"]["env"] == "cube-single-play-singletask-task2-v0" and state["config"]["alpha"] == 300
+    for name, p in agent.nets.state_dict().items():
+        assert torch.equal(state["nets"][name], p)
+    assert not os.path.exists(run_dir / "checkpoint.pt.tmp")
+
+
+def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
+    torch.manual_seed(0)
+    cfg = make_config()
+    agent = fql.FQLAgent(7, 3, cfg)
+    agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
+    path = str(tmp_path / "checkpoint.pt")
+    fql.save_checkpoint(path, agent, 1, cfg)
+    expected_act = agent.act(np.ones((4, 7), np.float32))
+    expected_update = agent.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
+
+    torch.manual_seed(99)
+    restored = fql.FQLAgent(7, 3, cfg)
+    assert fql.load_checkpoint(path, restored, cfg) == 1
+    np.testing.assert_array_equal(restored.act(np.ones((4, 7), np.float32)), expected_act)  # same RNG draw
+    got_update = restored.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
+    for key, value in expected_update.items():  # same Adam moments, so the same next step
+        torch.testing.assert_close(got_update[key], value, rtol=0, atol=0)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    cfg = make_config()
+    agent = fql.FQLAgent(7, 3, cfg)
+    path = str(tmp_path / "checkpoint.pt")
+    fql.save_checkpoint(path, agent, 5, cfg)
+
+    def killed_mid_write(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fql.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        fql.save_checkpoint(path, agent, 6, cfg)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["step"] == 5
+
+
+def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeypatch):
+    flags = ("--offline_steps", "60", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
+    straight = run_cli(cube_data, tmp_path / "straight", *flags)
+
+    real_sample, calls = fql.sample_batch, []
+
+    def killed_at_step_55(data, batch_size):
+        calls.append(1)
+        if len(calls) == 55 + 5:  # 55 training batches + 5 validation batches (steps 10 to 50)
+            raise KeyboardInterrupt
+        return real_sample(data, batch_size)
+
+    monkeypatch.setattr(fql, "sample_batch", killed_at_step_55)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(cube_data, tmp_path / "killed", *flags)
+    monkeypatch.setattr(fql, "sample_batch", real_sample)
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 40
+    assert read_csv(tmp_path / "killed" / "train.csv")[-1]["step"] == "50"  # logged after the last checkpoint
+
+    with pytest.raises(SystemExit, match="--resume"):  # a restart without --resume must not overwrite it
+        run_cli(cube_data, tmp_path / "killed", *flags)
+    resumed = run_cli(cube_data, tmp_path / "killed", *flags, "--resume")
+    for (name, p), q in zip(straight.nets.state_dict().items(), resumed.nets.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    # the row of step 50 from before the kill is replaced, not repeated, and every logged value matches
+    def untimed_rows(run):
+        rows = read_csv(tmp_path / run / "train.csv")
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    assert [r["step"] for r in untimed_rows("killed")] == ["10", "20", "30", "40", "50", "60"]
+    assert untimed_rows("killed") == untimed_rows("straight")
+
+    with pytest.raises(SystemExit, match="alpha"):  # resuming with other hyperparameters is refused
+        run_cli(cube_data, tmp_path / "killed", *flags, "--resume", "--alpha", "1")
+
+
+def test_compiled_and_eager_updates_agree():
+    torch.manual_seed(0)
+    eager = fql.FQLAgent(7, 3, make_config())
+    compiled = fql.FQLAgent(7, 3, make_config(compile=True))
+    compiled.nets.load_state_dict(eager.nets.state_dict())
+    for step in range(3):
+        batch, noise = random_batch(64, 7, 3), fixed_noise(64, 3)
+        want = eager.update(batch, noise, with_metrics=True)
+        got = compiled.update(batch, noise, with_metrics=True)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
+    for p, q in zip(eager.nets.parameters(), compiled.nets.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+class ScriptedEnv:
+    """Episodes of 3 steps; reward 1 per step; success only if the last action was positive."""
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        done = self.t == 3
+        return np.full(2, self.t, np.float32), 1.0, False, done, {"success": float(done and action[0] > 0)}
+
+
+def test_evaluate_counts_success_at_the_last_step():
+    result = fql_eval.evaluate(lambda obs: np.array([1.0 if obs[0] < 2 else -1.0]), ScriptedEnv(), 4, seed=0)
+    assert result == {"success": 0.0, "return": 3.0, "length": 3.0}
+    result = fql_eval.evaluate(lambda obs: np.array([5.0]), ScriptedEnv(), 4, seed=0)  # clipped, still positive
+    assert result["success"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI and bad input
+# ----------------------------------------------------------------------------------------------
+def parse(*args) -> fql.Config:
+    return fql.resolve_config(fql.tyro.cli(fql.Config, args=list(args), use_underscores=True))
+
+
+def test_env_names_and_per_env_defaults():
+    def resolved(*args):
+        cfg = parse(*args)
+        return cfg.env, cfg.alpha, cfg.q_agg, cfg.discount
+
+    assert resolved("--env", "ogbench-cube-single") == ("cube-single-play-singletask-task2-v0", 300, "mean", 0.99)
+    assert resolved("--env", "ogbench-antmaze-giant-task3") == (
+        "antmaze-giant-navigate-singletask-task3-v0", 10, "min", 0.995)
+    assert resolved("--env", "puzzle-4x4-play-singletask-task1-v0", "--alpha", "5", "--q_agg", "min") == (
+        "puzzle-4x4-play-singletask-task1-v0", 5, "min", 0.99)
+    assert parse("--env", "ogbench-antsoccer-arena").env == "antsoccer-arena-navigate-singletask-task4-v0"
+    assert parse("--env", "pointmaze-medium-navigate-singletask-v0").alpha == 10  # official default
+    for alias in fql.ENVS:  # every alias names a real OGBench environment
+        assert parse("--env", f"ogbench-{alias}").env.startswith(fql.ENVS[alias][0])
+
+
+def test_flags_in_underscore_and_hyphen_spellings():
+    cfg = parse("--offline_steps", "7", "--batch-size", "9", "--no-compile", "--actor_hidden_dims", "8", "8",
+                "--normalize_q_loss", "--run_dir", "x", "--device", "cpu")
+    assert (cfg.offline_steps, cfg.batch_size, cfg.compile, cfg.actor_hidden_dims) == (7, 9, False, (8, 8))
+    assert cfg.normalize_q_loss and cfg.run_dir == "x"
+    defaults = parse()
+    assert (defaults.offline_steps, defaults.batch_size, defaults.log_interval, defaults.eval_interval,
+            defaults.eval_episodes, defaults.lr, defaults.tau, defaults.flow_steps) == (
+        1_000_000, 256, 5000, 100_000, 50, 3e-4, 0.005, 10)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--env", "ogbench-cube-triple"), "Valid: ogbench-antmaze-large"),
+    (("--env", "ogbench-cube-single-task9"), "tasks 1 to 5"),
+    (("--batch_size", "0"), "--batch_size must be positive"),
+    (("--offline_steps", "-5"), "--offline_steps must be positive"),
+])
+def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        fql.main(["--run_dir", str(tmp_path), *flags])
+    assert message in str(exit_info.value.code)
+
+
+def test_missing_dataset_offline_names_the_files(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        fql.main(["--env", "ogbench-scene", "--dataset_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
+    message = str(exit_info.value.code)
+    assert "scene-play-v0.npz" in message and "scene-play-v0-val.npz" in message and str(tmp_path) in message
+
+
+def test_command_line_error_has_no_traceback():
+    result = subprocess.run([sys.executable, "fql.py", "--env", "nope"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 1
+    assert "unknown env 'nope'" in result.stderr and "Traceback" not in result.stderr
