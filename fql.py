@@ -16,6 +16,7 @@ Examples:
 """
 import csv
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -29,6 +30,7 @@ import gymnasium
 import numpy as np
 import ogbench  # registers the OGBench environments with gymnasium
 import torch
+import torch.nn.functional as F
 from torch import nn
 import tyro
 from tqdm import tqdm
@@ -81,11 +83,16 @@ class Config:
     device: str = "auto"
     """torch device; auto: cuda when available, else cpu"""
     compile: bool = True
-    """compile the update with torch.compile (--no_compile runs eager)"""
+    """compile the losses and the policy with torch.compile (--no_compile runs eager)"""
+    cuda_graph: bool = True
+    """on CUDA, record the whole training step once as a CUDA graph and replay it"""
     resume: bool = False
     """continue the run in run_dir from its last checkpoint (give the same command again)"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project (needs `pip install wandb`)"""
+    benchmark: bool = False
+    """print updates/s of the training step (eager, compiled, CUDA graph) on random data with the env's
+    shapes and this config's networks and batch size, then exit; needs no dataset"""
 
 
 class UsageError(ValueError):
@@ -193,16 +200,14 @@ def sample_batch(data: dict, batch_size: int) -> dict:
 # Networks
 # ----------------------------------------------------------------------------------------------
 class MLP(nn.Module):
-    """Hidden layers Linear -> GELU(tanh) [-> LayerNorm]; a plain Linear output. As flax's MLP in the
-    official code: Xavier-uniform weights everywhere, zero biases, LayerNorm eps 1e-6."""
+    """Hidden layers Linear -> GELU(tanh), then a plain Linear output; Xavier-uniform weights everywhere,
+    zero biases (flax's MLP in the official code, without LayerNorm for the actors)."""
 
-    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, layer_norm: bool):
+    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int):
         super().__init__()
         layers, dim = [], in_dim
         for width in hidden_dims:
             layers += [nn.Linear(dim, width), nn.GELU(approximate="tanh")]
-            if layer_norm:
-                layers.append(nn.LayerNorm(width, eps=1e-6))
             dim = width
         layers.append(nn.Linear(dim, out_dim))
         self.net = nn.Sequential(*layers)
@@ -215,15 +220,48 @@ class MLP(nn.Module):
         return self.net(torch.cat(inputs, dim=-1))
 
 
-class Critic(nn.Module):
-    """Two independently initialised Q(s, a) members; returns shape (2, batch)."""
+class EnsembleLinear(nn.Module):
+    """`members` independent Linear layers computed as one batched matmul. Weights are stored (in, out)
+    like flax kernels, each member drawn independently from Xavier uniform; biases zero."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...]):
+    def __init__(self, members: int, in_dim: int, out_dim: int):
         super().__init__()
-        self.members = nn.ModuleList(MLP(obs_dim + action_dim, hidden_dims, 1, layer_norm=True) for _ in range(2))
+        bound = math.sqrt(6 / (in_dim + out_dim))
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, in) or (members, batch, in)
+        return x @ self.weight + self.bias  # -> (members, batch, out)
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm (eps 1e-6) with its own scale and shift per member, as flax's vmapped LayerNorm."""
+
+    def __init__(self, members: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(members, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(members, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """Two Q(s, a) members with independent weights, evaluated together: one batched matmul per layer
+    instead of two networks one after the other. Hidden layers Linear -> GELU(tanh) -> LayerNorm."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], members: int = 2):
+        super().__init__()
+        layers, dim = [], obs_dim + action_dim
+        for width in hidden_dims:
+            layers += [EnsembleLinear(members, dim, width), nn.GELU(approximate="tanh"),
+                       EnsembleLayerNorm(members, width)]
+            dim = width
+        layers.append(EnsembleLinear(members, dim, 1))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return torch.stack([q(obs, actions).squeeze(-1) for q in self.members])
+        return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)  # (members, batch)
 
 
 class FQLNetworks(nn.Module):
@@ -233,9 +271,9 @@ class FQLNetworks(nn.Module):
         self.target_critic = Critic(obs_dim, action_dim, cfg.value_hidden_dims).requires_grad_(False)
         self.target_critic.load_state_dict(self.critic.state_dict())
         # v(s, x_t, t): t enters as a raw scalar column, as in the official code
-        self.actor_bc_flow = MLP(obs_dim + action_dim + 1, cfg.actor_hidden_dims, action_dim, layer_norm=False)
+        self.actor_bc_flow = MLP(obs_dim + action_dim + 1, cfg.actor_hidden_dims, action_dim)
         # mu(s, z): one network call maps noise to an action
-        self.actor_onestep = MLP(obs_dim + action_dim, cfg.actor_hidden_dims, action_dim, layer_norm=False)
+        self.actor_onestep = MLP(obs_dim + action_dim, cfg.actor_hidden_dims, action_dim)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -321,16 +359,24 @@ def fql_losses(nets: FQLNetworks, batch: dict, noise: dict, cfg: Config, with_me
 # Agent: one Adam step on the summed loss, then the Polyak target update
 # ----------------------------------------------------------------------------------------------
 class FQLAgent:
-    def __init__(self, obs_dim: int, action_dim: int, cfg: Config):
-        self.cfg, self.action_dim = cfg, action_dim
-        self.nets = FQLNetworks(obs_dim, action_dim, cfg).to(cfg.device)
-        self.optimizer = torch.optim.Adam(self.nets.trainable_parameters(), lr=cfg.lr)
-        self.critic_params = list(self.nets.critic.parameters())
-        self.target_params = list(self.nets.target_critic.parameters())
-        self.update = torch.compile(self.update_eager) if cfg.compile else self.update_eager
+    def __init__(self, nets: FQLNetworks, cfg: Config):
+        self.nets, self.cfg = nets, cfg
+        self.action_dim = nets.actor_onestep.net[-1].out_features
+        on_cuda = torch.device(cfg.device).type == "cuda"
+        # fused: one kernel for all parameters; capturable: Adam's step counters live on the GPU,
+        # so the whole update can be recorded in a CUDA graph
+        self.optimizer = torch.optim.Adam(nets.trainable_parameters(), lr=cfg.lr, fused=True, capturable=on_cuda)
+        self.critic_params = list(nets.critic.parameters())
+        self.target_params = list(nets.target_critic.parameters())
+        # torch.compile fuses the losses' forward and backward; Adam is already one fused kernel
+        self.losses = torch.compile(fql_losses) if cfg.compile else fql_losses
+        self.sample_actions = self.sample_actions_eager
+        if cfg.compile:  # on CUDA, also replayed as a CUDA graph per input shape
+            self.sample_actions = torch.compile(self.sample_actions_eager,
+                                                mode="reduce-overhead" if on_cuda else "default")
 
-    def update_eager(self, batch: dict, noise: dict, with_metrics: bool = False) -> dict:
-        loss, metrics = fql_losses(self.nets, batch, noise, self.cfg, with_metrics)
+    def update(self, batch: dict, noise: dict, with_metrics: bool = False) -> dict:
+        loss, metrics = self.losses(self.nets, batch, noise, self.cfg, with_metrics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The official code moves the target towards the critic's parameters from before this step,
@@ -340,12 +386,20 @@ class FQLAgent:
         self.optimizer.step()
         return metrics
 
+    def train_step(self, data: dict, with_metrics: bool = False) -> dict:
+        """Sample a batch and the noise on the device, then update: all of one training step."""
+        noise = draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device)
+        return self.update(sample_batch(data, self.cfg.batch_size), noise, with_metrics)
+
+    def sample_actions_eager(self, obs: torch.Tensor) -> torch.Tensor:
+        """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]."""
+        z = torch.randn((*obs.shape[:-1], self.action_dim), device=obs.device)
+        return self.nets.actor_onestep(obs, z).clamp(-1, 1)
+
     @torch.no_grad()
     def act(self, observations: np.ndarray) -> np.ndarray:
-        """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
-        z = torch.randn((*obs.shape[:-1], self.action_dim), device=obs.device)
-        return self.nets.actor_onestep(obs, z).clamp(-1, 1).cpu().numpy()
+        return self.sample_actions(obs).cpu().numpy()
 
     def state_dict(self) -> dict:
         return dict(nets=self.nets.state_dict(), optimizer=self.optimizer.state_dict())
@@ -355,12 +409,46 @@ class FQLAgent:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+class CUDAGraphStep:
+    """Record `fn` (no arguments) once as a CUDA graph, then replay it: one launch per training step
+    instead of hundreds of small kernels. The first call runs `fn` for real (which also compiles it and
+    creates Adam's state), the recording does not run it, and every later call replays the recording.
+    `fn` must read and write only tensors at fixed addresses: the dataset, parameters, Adam's state."""
+
+    def __init__(self, fn):
+        self.fn, self.graph, self.outputs = fn, None, None
+
+    def __call__(self) -> dict:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        side_stream = torch.cuda.Stream()  # as PyTorch's docs ask: the eager run before capture on a side stream
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            outputs = self.fn()
+        torch.cuda.current_stream().wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.fn()
+        return outputs
+
+
+def make_train_step(agent: FQLAgent, data: dict):
+    """The step the training loop calls: `step(with_metrics) -> metrics`. On CUDA, unless --no_cuda_graph,
+    each variant (plain, and with the metrics of log steps) is a CUDA graph recorded once."""
+    variants = {m: functools.partial(agent.train_step, data, m) for m in (False, True)}
+    if agent.cfg.cuda_graph and torch.device(agent.cfg.device).type == "cuda":
+        variants = {m: CUDAGraphStep(fn) for m, fn in variants.items()}
+    return lambda with_metrics: variants[with_metrics]()
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and logs: nothing written is lost when a run is killed
 # ----------------------------------------------------------------------------------------------
 # Fields that may change between a killed run and its resumption
 RESUMABLE_CHANGES = {"resume", "offline_steps", "log_interval", "eval_interval", "eval_episodes",
-                     "save_interval", "device", "compile", "wandb_project", "dataset_dir"}
+                     "save_interval", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
+                     "benchmark"}
 
 
 def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config):
@@ -434,7 +522,7 @@ def train(cfg: Config) -> FQLAgent:
     env, train_set, val_set = load_ogbench(cfg.env, cfg.dataset_dir)
     train_data, val_data = to_device(train_set, cfg.device), to_device(val_set, cfg.device)
     obs_dim, action_dim = train_data["observations"].shape[1], train_data["actions"].shape[1]
-    agent = FQLAgent(obs_dim, action_dim, cfg)
+    agent = FQLAgent(FQLNetworks(obs_dim, action_dim, cfg).to(cfg.device), cfg)
 
     os.makedirs(cfg.run_dir, exist_ok=True)
     start = load_checkpoint(ckpt_path, agent, cfg) if cfg.resume else 0
@@ -452,11 +540,11 @@ def train(cfg: Config) -> FQLAgent:
           f"alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run dir {cfg.run_dir}")
     progress = tqdm(range(start + 1, cfg.offline_steps + 1), initial=start, total=cfg.offline_steps,
                     unit="update", smoothing=0.05)
+    train_step = make_train_step(agent, train_data)
     last_time, last_step = time.time(), start
     for step in progress:
         log_now = step % cfg.log_interval == 0
-        batch = sample_batch(train_data, cfg.batch_size)
-        metrics = agent.update(batch, draw_noise(cfg.batch_size, action_dim, cfg.device), with_metrics=log_now)
+        metrics = train_step(with_metrics=log_now)
 
         if log_now:  # the only host synchronisation between steps
             with torch.no_grad():
@@ -488,10 +576,50 @@ def train(cfg: Config) -> FQLAgent:
     return agent
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark: the training step in each execution mode, on random data
+# ----------------------------------------------------------------------------------------------
+def benchmark(cfg: Config, repeats: int = 3):
+    cfg = resolve_config(cfg)
+    env = ogbench.make_env_and_datasets(cfg.env, env_only=True)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    n = 100_000
+    data = dict(observations=torch.randn(n, obs_dim), next_observations=torch.randn(n, obs_dim),
+                actions=torch.rand(n, action_dim) * 2 - 1, rewards=-torch.randint(0, 2, (n,)).float(),
+                masks=torch.ones(n))
+    data = {k: v.to(cfg.device) for k, v in data.items()}
+    on_cuda = torch.device(cfg.device).type == "cuda"
+    if on_cuda:
+        torch.set_float32_matmul_precision("high")  # as in training
+    device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
+    updates = 1000 if on_cuda else 20
+    modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
+    if on_cuda:
+        modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
+    print(f"FQL training step, obs {obs_dim}, action {action_dim}, batch {cfg.batch_size}, "
+          f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}; {device_name}, torch {torch.__version__}")
+    for name, flags in modes.items():
+        mode_cfg = dataclasses.replace(cfg, **flags)
+        torch.manual_seed(cfg.seed)
+        step = make_train_step(FQLAgent(FQLNetworks(obs_dim, action_dim, mode_cfg).to(cfg.device), mode_cfg), data)
+        rates, start = [], time.perf_counter()
+        for _ in range(3):  # warm-up: compilation and graph recording happen here
+            step(False)
+        step(True)["critic/critic_loss"].item()  # waits for the device
+        warmup = time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(updates - 1):
+                step(False)
+            step(True)["critic/critic_loss"].item()
+            rates.append(updates / (time.perf_counter() - start))
+        print(f"{name:<22} {np.median(rates):9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None):
     cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.split("\n")[0])
     try:
-        return train(cfg)
+        return benchmark(cfg) if cfg.benchmark else train(cfg)
     except UsageError as err:
         sys.exit(f"fql.py: error: {err}")
 

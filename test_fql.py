@@ -31,6 +31,10 @@ def make_config(**overrides) -> fql.Config:
     return fql.Config(**{**base, **overrides})
 
 
+def make_agent(obs_dim: int, action_dim: int, cfg: fql.Config) -> fql.FQLAgent:
+    return fql.FQLAgent(fql.FQLNetworks(obs_dim, action_dim, cfg), cfg)
+
+
 def random_batch(n: int, obs_dim: int, action_dim: int, dtype=torch.float32) -> dict:
     g = torch.Generator().manual_seed(123)
     return dict(
@@ -53,39 +57,58 @@ def fixed_noise(n: int, action_dim: int, dtype=torch.float32) -> dict:
 # ----------------------------------------------------------------------------------------------
 # A direct computation of DESIGN.md's formulas, written independently of fql.py's modules
 # ----------------------------------------------------------------------------------------------
-def manual_mlp(mlp: fql.MLP, x: torch.Tensor, layer_norm: bool) -> torch.Tensor:
-    linears = [m for m in mlp.net if isinstance(m, nn.Linear)]
-    norms = [m for m in mlp.net if isinstance(m, nn.LayerNorm)]
-    for i, linear in enumerate(linears[:-1]):
-        x = x @ linear.weight.T + linear.bias
+def manual_mlp(layers: list, x: torch.Tensor, norms: list | None = None) -> torch.Tensor:
+    """layers: [(weight (in, out), bias)]; norms: [(scale, shift)] after each hidden layer, or None."""
+    for i, (weight, bias) in enumerate(layers[:-1]):
+        x = x @ weight + bias
         x = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))  # GELU, tanh form
-        if layer_norm:
+        if norms is not None:
             mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-            x = (x - mean) / torch.sqrt(var + 1e-6) * norms[i].weight + norms[i].bias
-    return x @ linears[-1].weight.T + linears[-1].bias
+            x = (x - mean) / torch.sqrt(var + 1e-6) * norms[i][0] + norms[i][1]
+    weight, bias = layers[-1]
+    return x @ weight + bias
+
+
+def actor_layers(mlp: fql.MLP) -> list:
+    return [(m.weight.T, m.bias) for m in mlp.net if isinstance(m, nn.Linear)]
+
+
+def critic_member_layers(critic: fql.Critic, member: int):
+    layers = [(m.weight[member], m.bias[member, 0]) for m in critic.net if isinstance(m, fql.EnsembleLinear)]
+    norms = [(m.weight[member, 0], m.bias[member, 0]) for m in critic.net if isinstance(m, fql.EnsembleLayerNorm)]
+    return layers, norms
+
+
+def manual_actor(mlp: fql.MLP, *inputs):
+    return manual_mlp(actor_layers(mlp), torch.cat(inputs, -1))
 
 
 def manual_q(critic: fql.Critic, obs, actions):
-    return torch.stack([manual_mlp(m, torch.cat([obs, actions], -1), True)[:, 0] for m in critic.members])
+    """Each member on its own, one after the other."""
+    qs = []
+    for member in range(2):
+        layers, norms = critic_member_layers(critic, member)
+        qs.append(manual_mlp(layers, torch.cat([obs, actions], -1), norms)[:, 0])
+    return torch.stack(qs)
 
 
 def manual_losses(nets: fql.FQLNetworks, b: dict, n: dict, cfg: fql.Config) -> dict:
     """Each loss term of DESIGN.md, with gradients only where DESIGN.md allows them."""
     obs, a = b["observations"], b["actions"]
     with torch.no_grad():
-        next_a = manual_mlp(nets.actor_onestep, torch.cat([b["next_observations"], n["z_next"]], -1), False)
+        next_a = manual_actor(nets.actor_onestep, b["next_observations"], n["z_next"])
         next_qs = manual_q(nets.target_critic, b["next_observations"], next_a.clamp(-1, 1))
         next_q = next_qs.min(0).values if cfg.q_agg == "min" else next_qs.mean(0)
         target = b["rewards"] + cfg.discount * b["masks"] * next_q
         x = n["z"]
         for i in range(cfg.flow_steps):
             t = torch.full_like(x[:, :1], i / cfg.flow_steps)
-            x = x + manual_mlp(nets.actor_bc_flow, torch.cat([obs, x, t], -1), False) / cfg.flow_steps
+            x = x + manual_actor(nets.actor_bc_flow, obs, x, t) / cfg.flow_steps
         flow_target = x.clamp(-1, 1)
     critic = ((manual_q(nets.critic, obs, a) - target) ** 2).mean()
     x_t = (1 - n["t"]) * n["x0"] + n["t"] * a
-    bc = ((manual_mlp(nets.actor_bc_flow, torch.cat([obs, x_t, n["t"]], -1), False) - (a - n["x0"])) ** 2).mean()
-    mu = manual_mlp(nets.actor_onestep, torch.cat([obs, n["z"]], -1), False)
+    bc = ((manual_actor(nets.actor_bc_flow, obs, x_t, n["t"]) - (a - n["x0"])) ** 2).mean()
+    mu = manual_actor(nets.actor_onestep, obs, n["z"])
     distill = ((mu - flow_target) ** 2).mean()
     frozen_critic = copy.deepcopy(nets.critic).requires_grad_(False)
     q = manual_q(frozen_critic, obs, mu.clamp(-1, 1)).mean(0)
@@ -195,21 +218,24 @@ def test_q_term_alone_moves_one_step_policy_but_not_critic():
 def test_initialisation_matches_official():
     torch.manual_seed(0)
     nets = fql.FQLNetworks(20, 4, make_config(actor_hidden_dims=(256, 256), value_hidden_dims=(256, 256)))
-    for name in ("critic", "actor_bc_flow", "actor_onestep"):
-        linears = [m for m in getattr(nets, name).modules() if isinstance(m, nn.Linear)]
-        assert len(linears) == (6 if name == "critic" else 3)  # 2 hidden + output, per member
-        for linear in linears:  # Xavier uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
-            bound = math.sqrt(6 / (linear.in_features + linear.out_features))
-            w = linear.weight
-            assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
-            assert abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound
-            assert torch.all(linear.bias == 0)
-    norms = [m for m in nets.modules() if isinstance(m, nn.LayerNorm)]
-    assert len(norms) == 2 * 2 * 2 and all(m.eps == 1e-6 for m in norms)  # critic and target only
-    assert not any(isinstance(m, nn.LayerNorm) for m in nets.actor_bc_flow.modules())
+    weights = [(m.weight.T, m.bias) for name in ("actor_bc_flow", "actor_onestep")
+               for m in getattr(nets, name).modules() if isinstance(m, nn.Linear)]
+    weights += [critic_member_layers(nets.critic, e)[0][i] for e in range(2) for i in range(3)]
+    assert len(weights) == 3 * 2 + 3 * 2  # 2 hidden + output: 2 actors, 2 critic members
+    for weight, bias in weights:  # Xavier uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+        bound = math.sqrt(6 / sum(weight.shape))
+        assert weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound
+        assert abs(weight.std().item() - bound / math.sqrt(3)) < 0.1 * bound
+        assert torch.all(bias == 0)
+    for e in range(2):  # LayerNorm starts as the identity affine map in every member
+        for scale, shift in critic_member_layers(nets.critic, e)[1]:
+            assert torch.all(scale == 1) and torch.all(shift == 0)
+    assert not any(isinstance(m, (nn.LayerNorm, fql.EnsembleLayerNorm)) for m in nets.actor_bc_flow.modules())
+    assert sum(isinstance(m, fql.EnsembleLayerNorm) for m in nets.critic.modules()) == 2
     assert all(m.approximate == "tanh" for m in nets.modules() if isinstance(m, nn.GELU))
-    first, second = nets.critic.members
-    assert not torch.equal(first.net[0].weight, second.net[0].weight)
+    for m in nets.critic.net:  # the two members are drawn independently
+        if isinstance(m, fql.EnsembleLinear):
+            assert not torch.equal(m.weight[0], m.weight[1])
     for p, tp in zip(nets.critic.parameters(), nets.target_critic.parameters(), strict=True):
         assert torch.equal(p, tp)
 
@@ -217,7 +243,7 @@ def test_initialisation_matches_official():
 def test_every_parameter_is_optimised_and_target_moves_by_tau():
     torch.manual_seed(0)
     cfg = make_config(tau=0.25)
-    agent = fql.FQLAgent(7, 3, cfg)
+    agent = make_agent(7, 3, cfg)
     nets = agent.nets
     in_optimiser = {id(p) for group in agent.optimizer.param_groups for p in group["params"]}
     trained = [*nets.critic.parameters(), *nets.actor_bc_flow.parameters(), *nets.actor_onestep.parameters()]
@@ -241,6 +267,55 @@ def test_every_parameter_is_optimised_and_target_moves_by_tau():
         torch.testing.assert_close(p, expected)
 
 
+class LoopCritic(nn.Module):
+    """The straightforward critic: two separate MLPs evaluated one after the other, holding the same
+    weights as a batched fql.Critic."""
+
+    def __init__(self, batched: fql.Critic):
+        super().__init__()
+        self.members = nn.ModuleList()
+        for member in range(2):
+            layers, norms = critic_member_layers(batched, member)
+            modules = []
+            for i, (weight, bias) in enumerate(layers):
+                linear = nn.Linear(*weight.shape)
+                linear.weight.data.copy_(weight.T)
+                linear.bias.data.copy_(bias)
+                modules.append(linear)
+                if i < len(norms):
+                    norm = nn.LayerNorm(weight.shape[1], eps=1e-6)
+                    norm.weight.data.copy_(norms[i][0])
+                    norm.bias.data.copy_(norms[i][1])
+                    modules += [nn.GELU(approximate="tanh"), norm]
+            self.members.append(nn.Sequential(*modules))
+
+    def forward(self, obs, actions):
+        return torch.stack([m(torch.cat([obs, actions], -1)).squeeze(-1) for m in self.members])
+
+
+def test_batched_critic_trains_like_two_separate_critics():
+    torch.manual_seed(0)
+    cfg = make_config()
+    batched = make_agent(7, 3, cfg)
+    nets = copy.deepcopy(batched.nets)
+    nets.critic = LoopCritic(batched.nets.critic)
+    nets.target_critic = LoopCritic(batched.nets.target_critic).requires_grad_(False)
+    loop = fql.FQLAgent(nets, cfg)
+    for step in range(5):
+        batch, noise = random_batch(64, 7, 3), fixed_noise(64, 3)
+        noise["z"] += step  # a different draw each step
+        want = loop.update(batch, noise, with_metrics=True)
+        got = batched.update(batch, noise, with_metrics=True)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"step {step} {key}")
+    for name in ("critic", "target_critic"):  # the same parameters after 5 updates
+        for p, q in zip(LoopCritic(getattr(batched.nets, name)).parameters(),
+                        getattr(loop.nets, name).parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(batched.nets.actor_onestep.parameters(), loop.nets.actor_onestep.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Behaviour: a contextual bandit with two action modes of different value
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +331,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
                 next_observations=context)
     # alpha 0.3: leaving the flow's mode costs alpha * 1.2^2 = 0.43 of distillation loss for a Q gain of 1
     cfg = make_config(alpha=0.3, actor_hidden_dims=(128, 128), value_hidden_dims=(128, 128), lr=1e-3)
-    agent = fql.FQLAgent(2, 1, cfg)
+    agent = make_agent(2, 1, cfg)
     for _ in range(1000):
         agent.update(fql.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
 
@@ -338,7 +413,7 @@ def test_real_run_trains_logs_evaluates_and_checkpoints(cube_data, tmp_path):
 def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
     torch.manual_seed(0)
     cfg = make_config()
-    agent = fql.FQLAgent(7, 3, cfg)
+    agent = make_agent(7, 3, cfg)
     agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
     path = str(tmp_path / "checkpoint.pt")
     fql.save_checkpoint(path, agent, 1, cfg)
@@ -346,7 +421,7 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
     expected_update = agent.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
 
     torch.manual_seed(99)
-    restored = fql.FQLAgent(7, 3, cfg)
+    restored = make_agent(7, 3, cfg)
     assert fql.load_checkpoint(path, restored, cfg) == 1
     np.testing.assert_array_equal(restored.act(np.ones((4, 7), np.float32)), expected_act)  # same RNG draw
     got_update = restored.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
@@ -356,7 +431,7 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = make_config()
-    agent = fql.FQLAgent(7, 3, cfg)
+    agent = make_agent(7, 3, cfg)
     path = str(tmp_path / "checkpoint.pt")
     fql.save_checkpoint(path, agent, 5, cfg)
 
@@ -410,8 +485,8 @@ def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeyp
 
 def test_compiled_and_eager_updates_agree():
     torch.manual_seed(0)
-    eager = fql.FQLAgent(7, 3, make_config())
-    compiled = fql.FQLAgent(7, 3, make_config(compile=True))
+    eager = make_agent(7, 3, make_config())
+    compiled = make_agent(7, 3, make_config(compile=True))
     compiled.nets.load_state_dict(eager.nets.state_dict())
     for step in range(3):
         batch, noise = random_batch(64, 7, 3), fixed_noise(64, 3)
@@ -421,6 +496,26 @@ def test_compiled_and_eager_updates_agree():
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
     for p, q in zip(eager.nets.parameters(), compiled.nets.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_equals_eager_update():
+    torch.manual_seed(0)
+    cfg = make_config(device="cuda", compile=True)
+    graphed = fql.FQLAgent(fql.FQLNetworks(7, 3, cfg).cuda(), cfg)
+    eager = fql.FQLAgent(copy.deepcopy(graphed.nets), make_config(device="cuda"))
+    static_batch = {k: v.cuda() for k, v in random_batch(64, 7, 3).items()}
+    static_noise = {k: v.cuda() for k, v in fixed_noise(64, 3).items()}
+    replay = fql.CUDAGraphStep(lambda: graphed.update(static_batch, static_noise, with_metrics=True))
+    for step in range(4):  # the first call runs eagerly and records; the others replay the recording
+        for k in static_noise:
+            static_noise[k].copy_(static_noise[k] + 0.01 if k != "t" else torch.rand_like(static_noise[k]))
+        want = eager.update(static_batch, {k: v.clone() for k, v in static_noise.items()}, with_metrics=True)
+        got = replay()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
+    for p, q in zip(graphed.nets.parameters(), eager.nets.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
