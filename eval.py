@@ -1,26 +1,59 @@
-"""Evaluation of FQL policies in OGBench environments.
+"""Evaluate, film, plot and fine-tune FQL runs made by fql.py.
 
-fql.py calls `evaluate` every `--eval_interval` steps. Success follows OGBench: `info['success']`
-at the last step of an episode, averaged over episodes.
+  python eval.py --checkpoint runs/<run> --episodes 50        # success / return / length
+  python eval.py --checkpoint runs/<run> --video_episodes 2   # also mp4 files of rollouts
+  python eval.py finetune --checkpoint runs/<run> --online_steps 1000000 --eval_interval 100000
+  python eval.py plot runs/run_a runs/run_b                   # PNG of success and losses
+
+Success follows OGBench: `info['success']` at the last step of an episode, averaged over episodes.
 """
+import csv
+import dataclasses
+import functools
+import json
+import os
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import fql  # first: it points MuJoCo at headless rendering before anything loads MuJoCo
+
+import gymnasium
 import numpy as np
+import ogbench
+import torch
+import tyro
+from tqdm import tqdm
+
+Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-1, 1]
 
 
-def evaluate(policy: Callable[[np.ndarray], np.ndarray], env, episodes: int, seed: int) -> dict:
-    """Run `episodes` episodes of `policy` (observation -> action in [-1, 1]) in `env`.
+# ----------------------------------------------------------------------------------------------
+# Environments
+# ----------------------------------------------------------------------------------------------
+def make_env(env_name: str, **kwargs) -> gymnasium.Env:
+    """The OGBench single-task environment (no dataset needed)."""
+    return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
 
-    Episode i is reset with seed `seed + i`, so the same seed replays the same starts.
-    Returns the success rate, mean return and mean length.
-    """
+
+def make_vector_env(env_name: str, num_envs: int) -> gymnasium.vector.VectorEnv:
+    """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
+    hold CUDA and OpenMP threads, which fork would copy in a broken state."""
+    return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name)] * num_envs, context="forkserver")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+# ----------------------------------------------------------------------------------------------
+def evaluate(policy: Policy, env: gymnasium.Env, episodes: int, seed: int) -> dict:
+    """Run `episodes` episodes one after the other; episode i starts from `env.reset(seed=seed + i)`.
+    Returns the success rate, mean return and mean length."""
     successes, returns, lengths = [], [], []
     for episode in range(episodes):
         observation, info = env.reset(seed=seed + episode)
         done, episode_return, length = False, 0.0, 0
         while not done:
-            action = np.clip(policy(observation), -1, 1)
-            observation, reward, terminated, truncated, info = env.step(action)
+            observation, reward, terminated, truncated, info = env.step(np.clip(policy(observation), -1, 1))
             done = terminated or truncated
             episode_return += float(reward)
             length += 1
@@ -28,3 +61,282 @@ def evaluate(policy: Callable[[np.ndarray], np.ndarray], env, episodes: int, see
         returns.append(episode_return)
         lengths.append(length)
     return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
+
+
+def evaluate_parallel(policy: Policy, envs: gymnasium.vector.VectorEnv, episodes: int, seed: int,
+                      progress: tqdm | None = None) -> dict:
+    """As `evaluate` (same seeds, same results for a deterministic policy), with one batched policy call
+    per step for all environments. Episodes run in rounds of `envs.num_envs`; an environment whose
+    episode has ended keeps stepping until the round ends, and its extra steps are ignored."""
+    successes, returns, lengths = [], [], []
+    # torch's CPU threads busy-wait between calls and would take the cores the environment workers
+    # need (half the speed on 2 cores); one thread is plenty for one batched policy call per step
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for first in range(0, episodes, envs.num_envs):
+            observations, _ = envs.reset(seed=[seed + first + i for i in range(envs.num_envs)])
+            running = np.arange(envs.num_envs) < episodes - first  # the last round may need fewer
+            episode_return, length = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
+            while running.any():
+                observations, rewards, terminated, truncated, infos = envs.step(np.clip(policy(observations), -1, 1))
+                episode_return += np.where(running, rewards, 0)
+                length += running
+                for i in np.flatnonzero(running & (terminated | truncated)):
+                    successes.append(float(infos["success"][i]))
+                    returns.append(episode_return[i])
+                    lengths.append(length[i])
+                    running[i] = False
+                    if progress is not None:
+                        progress.update(1)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
+
+
+def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, directory: str, frame_skip: int) -> list:
+    """Render `episodes` episodes offscreen (every `frame_skip`-th frame) into mp4 files."""
+    import imageio
+
+    try:
+        env = make_env(env_name, render_mode="rgb_array", width=256, height=256)
+        env.reset(seed=seed)
+        env.render()
+    except Exception as err:  # MuJoCo raises several types when no OpenGL platform loads
+        print(f"no videos: offscreen rendering failed ({err}). Install EGL (libegl1) and keep MUJOCO_GL=egl, "
+              "or install OSMesa and set MUJOCO_GL=osmesa.", file=sys.stderr)
+        return []
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        frames, done, t = [env.render()], False, 0
+        while not done:
+            observation, _, terminated, truncated, _ = env.step(np.clip(policy(observation), -1, 1))
+            done, t = terminated or truncated, t + 1
+            if t % frame_skip == 0 or done:
+                frames.append(env.render())
+        paths.append(os.path.join(directory, f"episode{episode}.mp4"))
+        imageio.mimwrite(paths[-1], frames, fps=max(1, 30 // frame_skip), macro_block_size=1)
+    env.close()
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Online fine-tuning: the environment side (fql.train runs the updates)
+# ----------------------------------------------------------------------------------------------
+class OnlineCollector:
+    """Steps one environment with the current policy and appends each transition to the replay buffer,
+    with mask = 1 - terminated; a new episode starts when one is terminated or truncated."""
+
+    def __init__(self, env: gymnasium.Env, seed: int):
+        self.env, self.last_episode = env, {}
+        self.observation, _ = env.reset(seed=seed)
+        self.episode_return, self.episode_length = 0.0, 0
+
+    def step(self, policy: Policy, buffer: fql.ReplayBuffer):
+        action = policy(self.observation)
+        next_observation, reward, terminated, truncated, info = self.env.step(action)
+        buffer.add(dict(observations=self.observation, actions=action, rewards=reward, masks=1.0 - terminated,
+                        next_observations=next_observation))
+        self.episode_return += float(reward)
+        self.episode_length += 1
+        self.observation = next_observation
+        if terminated or truncated:
+            self.last_episode = {"exploration/success": float(info["success"]),
+                                 "exploration/return": self.episode_return, "exploration/length": self.episode_length}
+            self.observation, _ = self.env.reset()
+            self.episode_return, self.episode_length = 0.0, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def checkpoint_path(path: str) -> str:
+    """A run folder means its checkpoint.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise fql.UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or the file")
+    return path
+
+
+def load_agent(path: str, device: str) -> tuple[fql.FQLAgent, dict]:
+    """The agent saved in a checkpoint, on `device`, and the checkpoint's other contents."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = fql.resolve_config(fql.Config(**{**state["config"], "device": device}))
+    agent = fql.FQLAgent(fql.FQLNetworks(state["obs_dim"], state["action_dim"], cfg).to(cfg.device), cfg)
+    agent.load_state_dict(state)
+    return agent, state
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+PLOTTED = {"eval.csv": ["evaluation/success"],
+           "train.csv": ["critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/q"]}
+NOT_CONFIG = {"seed", "run_dir", "resume", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
+              "benchmark", "eval_interval", "eval_episodes", "log_interval", "save_interval"}
+
+
+def plot_runs(run_dirs: list, output: str):
+    """One panel per metric against steps; runs that share a config (all but the seed) are one line:
+    their mean, with the range across seeds shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for run in run_dirs:
+        config_file = os.path.join(run, "config.json")
+        if not os.path.isfile(config_file):
+            raise fql.UsageError(f"{run} is not an fql.py run folder (no config.json)")
+        with open(config_file) as f:
+            config = {k: v for k, v in json.load(f).items() if k not in NOT_CONFIG}
+        groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
+    varying = {k for key in groups for k, v in json.loads(key).items()
+               if any(json.loads(other).get(k) != v for other in groups)}
+    metrics = [(file, key) for file, keys in PLOTTED.items() for key in keys]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    for color, (key, runs) in enumerate(groups.items()):
+        config = json.loads(key)
+        label = ", ".join(f"{k}={config[k]}" for k in sorted(varying)) or config["env"]
+        label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        for ax, (file, metric) in zip(axes, metrics, strict=True):
+            curves = [read_curve(os.path.join(run, file), metric) for run in runs]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            values = np.array([[c[s] for s in steps] for c in curves])
+            ax.plot(steps, values.mean(0), marker=".", color=f"C{color}", label=label)
+            if len(runs) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), color=f"C{color}", alpha=0.2)
+    for ax, (_, metric) in zip(axes, metrics, strict=True):
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+    labels = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def read_curve(path: str, metric: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {int(r["step"]): float(r[metric]) for r in csv.DictReader(f) if r.get(metric)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EvalArgs:
+    checkpoint: str
+    """run folder (its checkpoint.pt) or checkpoint file"""
+    episodes: int = 50
+    """episodes to evaluate"""
+    num_envs: int = 0
+    """environments stepping in parallel; 0: one per CPU core, at most `episodes`"""
+    seed: int = 0
+    """episode i starts from env.reset(seed=seed + i)"""
+    env: str | None = None
+    """evaluate on another env with the same observation and action shapes (default: the checkpoint's)"""
+    video_episodes: int = 0
+    """also render this many episodes to mp4 files in <run>/videos"""
+    frame_skip: int = 2
+    """keep every frame_skip-th frame in videos"""
+    device: str = "auto"
+    """torch device; auto: cuda when available, else cpu"""
+
+
+@dataclass
+class FinetuneArgs:
+    checkpoint: str
+    """run folder (its checkpoint.pt) or checkpoint file to start from"""
+    online_steps: int = 1_000_000
+    """environment steps, one update each"""
+    eval_interval: int = 100_000
+    """steps between evaluations (0: never)"""
+    eval_episodes: int = 50
+    """episodes per evaluation"""
+    balanced_sampling: bool = False
+    """batches half from the offline dataset, half from the online transitions"""
+    buffer_size: int = 2_000_000
+    """replay buffer capacity (the offline data counts unless --balanced_sampling)"""
+    log_interval: int = 5_000
+    """steps between rows of train.csv"""
+    save_interval: int = 100_000
+    """steps between checkpoints"""
+    run_dir: str | None = None
+    """where the fine-tuning run goes; default: <run>-finetune"""
+    resume: bool = False
+    """continue a killed fine-tuning run in run_dir"""
+    device: str = "auto"
+    """torch device; auto: cuda when available, else cpu"""
+
+
+@dataclass
+class PlotArgs:
+    runs: tyro.conf.Positional[list[str]]
+    """run folders made by fql.py"""
+    output: str = "runs.png"
+    """PNG file to write"""
+
+
+def run_evaluation(args: EvalArgs) -> dict:
+    path = checkpoint_path(args.checkpoint)
+    agent, state = load_agent(path, args.device)
+    env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env
+    probe = make_env(env_name)
+    shapes = (probe.observation_space.shape[0], probe.action_space.shape[0])
+    probe.close()
+    if shapes != (state["obs_dim"], state["action_dim"]):
+        raise fql.UsageError(f"{path} was trained on {agent.cfg.env} (observation {state['obs_dim']}, action "
+                             f"{state['action_dim']}); {env_name} has observation {shapes[0]}, action {shapes[1]}")
+    envs = make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()))
+    with tqdm(total=args.episodes, unit="episode") as progress:
+        result = evaluate_parallel(agent.act, envs, args.episodes, args.seed, progress)
+    envs.close()
+    result = dict(result, env=env_name, episodes=args.episodes, seed=args.seed, step=state["step"], checkpoint=path)
+    run_dir = os.path.dirname(path)
+    if args.video_episodes:
+        result["videos"] = record_videos(agent.act, env_name, args.video_episodes, args.seed,
+                                         os.path.join(run_dir, "videos", f"step{state['step']}"), args.frame_skip)
+    with open(os.path.join(run_dir, f"eval_step{state['step']}_seed{args.seed}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{env_name} at step {state['step']}: success {result['success']:.3f}, "
+          f"return {result['return']:.1f}, length {result['length']:.1f} over {args.episodes} episodes")
+    return result
+
+
+def run_finetune(args: FinetuneArgs) -> fql.FQLAgent:
+    path = checkpoint_path(args.checkpoint)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    run_dir = args.run_dir or os.path.dirname(os.path.abspath(path)) + "-finetune"
+    overrides = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
+    cfg = fql.Config(**{**saved["config"], **overrides, "run_dir": run_dir, "offline_steps": saved["step"]})
+    return fql.train(cfg, init_checkpoint=path)
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in ("finetune", "plot") else "evaluate"
+    rest = argv[1:] if command != "evaluate" else argv
+    try:
+        if command == "plot":
+            args = tyro.cli(PlotArgs, args=rest, use_underscores=True, prog="eval.py plot")
+            plot_runs(args.runs, args.output)
+            print(f"wrote {args.output}")
+        elif command == "finetune":
+            return run_finetune(tyro.cli(FinetuneArgs, args=rest, use_underscores=True, prog="eval.py finetune"))
+        else:
+            return run_evaluation(tyro.cli(EvalArgs, args=rest, use_underscores=True, description=__doc__))
+    except fql.UsageError as err:
+        sys.exit(f"eval.py: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

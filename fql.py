@@ -17,6 +17,7 @@ Examples:
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -26,14 +27,16 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import gymnasium
 import numpy as np
-import ogbench  # registers the OGBench environments with gymnasium
-import torch
-import torch.nn.functional as F
-from torch import nn
-import tyro
-from tqdm import tqdm
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before MuJoCo loads
+import gymnasium  # noqa: E402
+import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import tyro  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,6 +51,12 @@ class Config:
     """seed for torch, numpy and the evaluation episodes"""
     offline_steps: int = 1_000_000
     """number of gradient steps on the offline dataset"""
+    online_steps: int = 0
+    """environment steps of online fine-tuning after the offline steps, one update per step"""
+    buffer_size: int = 2_000_000
+    """replay buffer capacity for fine-tuning (the offline data counts unless --balanced_sampling)"""
+    balanced_sampling: bool = False
+    """fine-tuning batches: half from the offline dataset, half from the online transitions"""
     batch_size: int = 256
     """transitions per gradient step"""
     lr: float = 3e-4
@@ -142,11 +151,14 @@ def resolve_env(name: str) -> tuple[str, dict]:
 
 def resolve_config(cfg: Config) -> Config:
     """Check the config and fill the per-environment defaults the user did not set."""
-    for field in ("offline_steps", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes"):
+    for field in ("buffer_size", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes"):
         if getattr(cfg, field) <= 0:
             raise UsageError(f"--{field} must be positive, got {getattr(cfg, field)}")
-    if cfg.eval_interval < 0:
-        raise UsageError("--eval_interval must be >= 0 (0 turns evaluation off)")
+    for field in ("offline_steps", "online_steps", "eval_interval"):
+        if getattr(cfg, field) < 0:
+            raise UsageError(f"--{field} must be >= 0, got {getattr(cfg, field)}")
+    if cfg.offline_steps + cfg.online_steps == 0:
+        raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
     env_name, env_defaults = resolve_env(cfg.env)
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
               for k, v in {**DEFAULTS, **env_defaults}.items()}
@@ -194,6 +206,56 @@ def sample_batch(data: dict, batch_size: int) -> dict:
     n = data["observations"].shape[0]
     idx = torch.randint(n, (batch_size,), device=data["observations"].device)
     return {k: v[idx] for k, v in data.items()}
+
+
+class ReplayBuffer:
+    """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with balanced
+    sampling). As in the official code, once full the oldest rows are overwritten, offline ones included.
+    `size` lives on the device, so sampling stays inside a recorded CUDA graph while the buffer grows."""
+
+    def __init__(self, data: dict, capacity: int):
+        n = len(data["actions"])
+        self.capacity, self.count, self.added = max(capacity, n + 1), n, 0
+        self.start = self.pointer = n % self.capacity
+        self.data = {k: v.new_zeros((self.capacity, *v.shape[1:])) for k, v in data.items()}
+        for k, v in data.items():
+            self.data[k][:n] = v
+        self.size = torch.tensor(float(n), device=data["actions"].device)
+
+    def add(self, transition: dict):
+        for k, v in transition.items():
+            self.data[k][self.pointer] = torch.as_tensor(v, dtype=torch.float32)
+        self.pointer, self.added = (self.pointer + 1) % self.capacity, self.added + 1
+        self.count = min(self.count + 1, self.capacity)
+        self.size.fill_(self.count)
+
+    def sample(self, batch_size: int) -> dict:
+        idx = (torch.rand(batch_size, device=self.size.device) * self.size).long()
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def online_rows(self) -> torch.Tensor:
+        """Positions of the rows written online that are still there, oldest first."""
+        kept = min(self.added, self.capacity)
+        return (self.start + self.added - kept + torch.arange(kept)) % self.capacity
+
+    def state_dict(self) -> dict:
+        rows = self.online_rows()
+        return dict(added=self.added, rows={k: v[rows.to(v.device)].cpu() for k, v in self.data.items()})
+
+    def load_state_dict(self, state: dict):
+        self.added = state["added"]
+        rows = self.online_rows()
+        for k, v in state["rows"].items():
+            self.data[k][rows.to(self.data[k].device)] = v.to(self.data[k].device)
+        self.pointer = (self.start + self.added) % self.capacity
+        self.count = min(self.count + self.added, self.capacity)
+        self.size.fill_(self.count)
+
+
+def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int) -> dict:
+    """Half of the batch from the offline dataset, half from the online transitions."""
+    first, second = sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
+    return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,10 +448,10 @@ class FQLAgent:
         self.optimizer.step()
         return metrics
 
-    def train_step(self, data: dict, with_metrics: bool = False) -> dict:
-        """Sample a batch and the noise on the device, then update: all of one training step."""
+    def train_step(self, sample, with_metrics: bool = False) -> dict:
+        """Sample a batch (`sample(batch_size)`) and the noise on the device, then update."""
         noise = draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device)
-        return self.update(sample_batch(data, self.cfg.batch_size), noise, with_metrics)
+        return self.update(sample(self.cfg.batch_size), noise, with_metrics)
 
     def sample_actions_eager(self, obs: torch.Tensor) -> torch.Tensor:
         """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]."""
@@ -433,10 +495,10 @@ class CUDAGraphStep:
         return outputs
 
 
-def make_train_step(agent: FQLAgent, data: dict):
+def make_train_step(agent: FQLAgent, sample):
     """The step the training loop calls: `step(with_metrics) -> metrics`. On CUDA, unless --no_cuda_graph,
     each variant (plain, and with the metrics of log steps) is a CUDA graph recorded once."""
-    variants = {m: functools.partial(agent.train_step, data, m) for m in (False, True)}
+    variants = {m: functools.partial(agent.train_step, sample, m) for m in (False, True)}
     if agent.cfg.cuda_graph and torch.device(agent.cfg.device).type == "cuda":
         variants = {m: CUDAGraphStep(fn) for m, fn in variants.items()}
     return lambda with_metrics: variants[with_metrics]()
@@ -446,22 +508,25 @@ def make_train_step(agent: FQLAgent, data: dict):
 # Checkpoints and logs: nothing written is lost when a run is killed
 # ----------------------------------------------------------------------------------------------
 # Fields that may change between a killed run and its resumption
-RESUMABLE_CHANGES = {"resume", "offline_steps", "log_interval", "eval_interval", "eval_episodes",
+RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", "eval_interval", "eval_episodes",
                      "save_interval", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
                      "benchmark"}
 
 
-def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config):
+def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, buffer: ReplayBuffer | None = None):
     """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact."""
-    state = dict(agent.state_dict(), step=step, config=dataclasses.asdict(cfg), rng=dict(
-        torch=torch.get_rng_state(), numpy=np.random.get_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    obs_dim = agent.nets.actor_onestep.net[0].in_features - agent.action_dim
+    state = dict(agent.state_dict(), step=step, config=dataclasses.asdict(cfg), obs_dim=obs_dim,
+                 action_dim=agent.action_dim, buffer=buffer.state_dict() if buffer else None, rng=dict(
+                     torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, agent: FQLAgent, cfg: Config) -> int:
+def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, buffer: ReplayBuffer | None = None) -> int:
+    """Restore a killed run: networks, optimiser, RNG states and the fine-tuning buffer; returns its step."""
     if not os.path.exists(path):
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume, or pass the run's --run_dir")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -471,6 +536,8 @@ def load_checkpoint(path: str, agent: FQLAgent, cfg: Config) -> int:
         raise UsageError(f"--resume: this command differs from the checkpoint's run in {', '.join(changed)}; "
                          "give the same flags as the original run")
     agent.load_state_dict(state)
+    if buffer is not None and state["buffer"] is not None:
+        buffer.load_state_dict(state["buffer"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -479,35 +546,33 @@ def load_checkpoint(path: str, agent: FQLAgent, cfg: Config) -> int:
 
 
 class CSVLog:
-    """Append rows to a CSV file; on resume, rows written after the checkpoint are dropped."""
+    """Rows of metrics in a CSV file, rewritten atomically at each row (a few hundred rows per run), so
+    columns that appear later (fine-tuning's) widen the file. Rows after `keep_until_step` (written
+    after the checkpoint a run resumes from) are dropped."""
 
     def __init__(self, path: str, keep_until_step: int):
-        self.path, self.fields, rows = path, None, []
+        self.path, self.rows = path, []
         if os.path.exists(path):
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
-        if rows:
-            self.fields = list(rows[0])
-        with open(path, "w", newline="") as f:
-            if rows:
-                writer = csv.DictWriter(f, self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
 
     def write(self, row: dict):
-        if self.fields is None:
-            self.fields = list(row)
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, self.fields).writeheader()
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow(row)
+        self.rows.append(row)
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(self.path + ".tmp", self.path)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
-def train(cfg: Config) -> FQLAgent:
-    from eval import evaluate  # imported here because eval.py builds on this file
+def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
+    """Offline training, then online fine-tuning if --online_steps. `init_checkpoint` starts from a saved
+    agent (networks, optimiser, step) instead of from scratch: eval.py finetune uses it."""
+    import eval  # imported here because eval.py builds on this file
 
     cfg = resolve_config(cfg)
     ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
@@ -523,9 +588,26 @@ def train(cfg: Config) -> FQLAgent:
     train_data, val_data = to_device(train_set, cfg.device), to_device(val_set, cfg.device)
     obs_dim, action_dim = train_data["observations"].shape[1], train_data["actions"].shape[1]
     agent = FQLAgent(FQLNetworks(obs_dim, action_dim, cfg).to(cfg.device), cfg)
+    offline_step = make_train_step(agent, functools.partial(sample_batch, train_data))
+    buffer = online_step = None
+    if cfg.online_steps:  # the official layout: the offline data, then online transitions appended
+        if cfg.balanced_sampling:
+            buffer = ReplayBuffer({k: v[:0] for k, v in train_data.items()}, cfg.buffer_size)
+            online_step = make_train_step(agent, functools.partial(sample_balanced, train_data, buffer))
+        else:
+            buffer = ReplayBuffer(train_data, cfg.buffer_size)
+            online_step = make_train_step(agent, buffer.sample)
 
     os.makedirs(cfg.run_dir, exist_ok=True)
-    start = load_checkpoint(ckpt_path, agent, cfg) if cfg.resume else 0
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    start = 0
+    if cfg.resume:
+        start = load_checkpoint(ckpt_path, agent, cfg, buffer)
+    elif init_checkpoint:
+        state = torch.load(init_checkpoint, map_location="cpu", weights_only=False)
+        agent.load_state_dict(state)
+        start = state["step"]
     train_log = CSVLog(os.path.join(cfg.run_dir, "train.csv"), keep_until_step=start)
     eval_log = CSVLog(os.path.join(cfg.run_dir, "eval.csv"), keep_until_step=start)
     wandb = None
@@ -535,16 +617,24 @@ def train(cfg: Config) -> FQLAgent:
         except ImportError:
             raise UsageError("--wandb_project needs wandb: pip install wandb") from None
         wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg))
+    eval_envs = eval.make_vector_env(cfg.env, min(cfg.eval_episodes, os.cpu_count())) if cfg.eval_interval else None
+    collector = None
 
+    total_steps = cfg.offline_steps + cfg.online_steps
     print(f"FQL on {cfg.env}: {len(train_data['actions'])} transitions, obs {obs_dim}, action {action_dim}, "
           f"alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run dir {cfg.run_dir}")
-    progress = tqdm(range(start + 1, cfg.offline_steps + 1), initial=start, total=cfg.offline_steps,
-                    unit="update", smoothing=0.05)
-    train_step = make_train_step(agent, train_data)
+    progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, unit="update",
+                    smoothing=0.05)
     last_time, last_step = time.time(), start
     for step in progress:
         log_now = step % cfg.log_interval == 0
-        metrics = train_step(with_metrics=log_now)
+        if step <= cfg.offline_steps:
+            metrics = offline_step(with_metrics=log_now)
+        else:  # fine-tuning: one environment step, then one update on the growing buffer
+            if collector is None:
+                collector = eval.OnlineCollector(env, seed=cfg.seed + step)
+            collector.step(agent.act, buffer)
+            metrics = online_step(with_metrics=log_now)
 
         if log_now:  # the only host synchronisation between steps
             with torch.no_grad():
@@ -553,6 +643,8 @@ def train(cfg: Config) -> FQLAgent:
                                             cfg, with_metrics=True)
             row = {"step": step, **{k: v.item() for k, v in metrics.items()},
                    **{f"validation/{k}": v.item() for k, v in val_metrics.items()}}
+            if collector is not None:
+                row.update(collector.last_episode, **{"exploration/buffer_size": buffer.count})
             row["time/updates_per_sec"] = (step - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), step
             if not all(math.isfinite(v) for v in row.values()):
@@ -562,17 +654,19 @@ def train(cfg: Config) -> FQLAgent:
             if wandb:
                 wandb.log(row, step=step)
 
-        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.offline_steps):
-            result = evaluate(agent.act, env, cfg.eval_episodes, seed=cfg.seed + step)
+        if eval_envs and (step % cfg.eval_interval == 0 or step == total_steps):
+            result = eval.evaluate_parallel(agent.act, eval_envs, cfg.eval_episodes, seed=cfg.seed + step)
             eval_log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
             progress.write(f"step {step}: success {result['success']:.3f}, return {result['return']:.1f}")
             if wandb:
                 wandb.log({f"evaluation/{k}": v for k, v in result.items()}, step=step)
             last_time = time.time()  # evaluation time does not count against updates/s
 
-        if step % cfg.save_interval == 0 or step == cfg.offline_steps:
-            save_checkpoint(ckpt_path, agent, step, cfg)
+        if step % cfg.save_interval == 0 or step == total_steps:
+            save_checkpoint(ckpt_path, agent, step, cfg, buffer if step > cfg.offline_steps else None)
     progress.close()
+    if eval_envs:
+        eval_envs.close()
     return agent
 
 
@@ -601,7 +695,8 @@ def benchmark(cfg: Config, repeats: int = 3):
     for name, flags in modes.items():
         mode_cfg = dataclasses.replace(cfg, **flags)
         torch.manual_seed(cfg.seed)
-        step = make_train_step(FQLAgent(FQLNetworks(obs_dim, action_dim, mode_cfg).to(cfg.device), mode_cfg), data)
+        agent = FQLAgent(FQLNetworks(obs_dim, action_dim, mode_cfg).to(cfg.device), mode_cfg)
+        step = make_train_step(agent, functools.partial(sample_batch, data))
         rates, start = [], time.perf_counter()
         for _ in range(3):  # warm-up: compilation and graph recording happen here
             step(False)

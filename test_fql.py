@@ -541,6 +541,186 @@ def test_evaluate_counts_success_at_the_last_step():
     assert result["success"] == 1.0
 
 
+POINTMAZE = "pointmaze-medium-navigate-singletask-task1-v0"
+CUBE = "cube-single-play-singletask-task2-v0"
+
+
+def pointmaze_oracle():
+    """Heads for OGBench's oracle subgoal on the way to the task's goal: a policy known to succeed."""
+    helper = fql_eval.make_env(POINTMAZE).unwrapped
+    helper.reset(seed=0)
+    goal = np.array(helper.cur_goal_xy)
+
+    def policy(observations):
+        xy = np.atleast_2d(observations)
+        direction = np.array([helper.get_oracle_subgoal(p, goal)[0] - p for p in xy])
+        direction /= np.linalg.norm(direction, axis=-1, keepdims=True) + 1e-6
+        return direction.reshape(np.shape(observations))
+
+    return policy
+
+
+def test_scripted_policy_succeeds_and_random_policy_fails():
+    envs = fql_eval.make_vector_env(POINTMAZE, 2)
+    try:
+        oracle = fql_eval.evaluate_parallel(pointmaze_oracle(), envs, 3, seed=0)
+        rng = np.random.default_rng(0)
+        random = fql_eval.evaluate_parallel(lambda obs: rng.uniform(-1, 1, obs.shape), envs, 3, seed=0)
+    finally:
+        envs.close()
+    assert oracle["success"] == 1 and oracle["length"] < 400  # reaches the goal well within 1000 steps
+    assert random["success"] == 0 and random["length"] == 1000  # the goal is far for a random walk
+
+
+def recording(seen: list):
+    """A deterministic policy that depends on the observation and records what it saw."""
+    def policy(observations):
+        seen.append(np.array(observations))
+        return np.tanh(3 * observations[..., 14:19])
+    return policy
+
+
+def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds():
+    sequential_seen, parallel_seen = [], []
+    sequential = fql_eval.evaluate(recording(sequential_seen), fql_eval.make_env(CUBE), 3, seed=5)
+    envs = fql_eval.make_vector_env(CUBE, 2)
+    try:
+        parallel = fql_eval.evaluate_parallel(recording(parallel_seen), envs, 3, seed=5)
+    finally:
+        envs.close()
+    assert parallel == pytest.approx(sequential)
+    by_episode = np.array(sequential_seen).reshape(3, 200, -1)
+    rounds = np.array(parallel_seen).reshape(2, 200, 2, -1)  # 2 rounds of 2 environments, 200 steps each
+    np.testing.assert_allclose(rounds[0, :, 0], by_episode[0])
+    np.testing.assert_allclose(rounds[0, :, 1], by_episode[1])
+    np.testing.assert_allclose(rounds[1, :, 0], by_episode[2])
+    assert not np.allclose(by_episode[0], by_episode[1])  # different seeds, different episodes
+
+
+def test_videos_are_written(tmp_path):
+    paths = fql_eval.record_videos(lambda obs: np.zeros(5), CUBE, 1, seed=0, directory=str(tmp_path), frame_skip=20)
+    if not paths:
+        pytest.skip("no offscreen OpenGL renderer on this machine (record_videos said why)")
+    import imageio.v3 as iio
+
+    frames = iio.imread(paths[0])
+    assert frames.shape == (11, 256, 256, 3) and frames.std() > 0  # first frame + every 20th of 200 steps
+
+
+def test_replay_buffer_appends_samples_online_rows_and_restores():
+    n = 10
+    offline = dict(observations=torch.zeros(n, 3), next_observations=torch.zeros(n, 3), actions=torch.zeros(n, 2),
+                   rewards=torch.zeros(n), masks=torch.ones(n))
+    buffer = fql.ReplayBuffer(offline, capacity=14)
+    for i in range(6):  # 4 fit after the offline rows; then, as in the official code, the oldest rows go
+        buffer.add(dict(observations=np.full(3, i + 1.0), actions=np.ones(2), rewards=1.0, masks=1.0 - (i == 5),
+                        next_observations=np.full(3, i + 2.0)))
+    assert (buffer.count, buffer.pointer, float(buffer.size)) == (14, 2, 14.0)
+    torch.testing.assert_close(buffer.data["observations"][[10, 11, 12, 13, 0, 1], 0],
+                               torch.tensor([1.0, 2, 3, 4, 5, 6]))
+    assert buffer.data["masks"][1] == 0
+    batch = buffer.sample(20_000)
+    assert abs(float(batch["rewards"].mean()) - 6 / 14) < 0.02  # uniform over all 14 rows
+    assert torch.equal(batch["next_observations"][:, 0] - batch["observations"][:, 0], batch["rewards"])
+
+    restored = fql.ReplayBuffer(offline, capacity=14)
+    restored.load_state_dict(buffer.state_dict())
+    assert (restored.count, restored.pointer, float(restored.size)) == (14, 2, 14.0)
+    for k in offline:
+        assert torch.equal(restored.data[k], buffer.data[k])
+
+    online = fql.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=100)
+    online.add(dict(observations=np.ones(3), actions=np.ones(2), rewards=1.0, masks=1.0, next_observations=np.ones(3)))
+    balanced = fql.sample_balanced(offline, online, 256)
+    assert torch.equal(balanced["rewards"], torch.cat([torch.zeros(128), torch.ones(128)]))
+
+
+def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_path, monkeypatch):
+    flags = ("--offline_steps", "50", "--online_steps", "260", "--log_interval", "50", "--save_interval", "50",
+             "--batch_size", "32")
+    real_step, calls = fql_eval.OnlineCollector.step, []
+
+    def killed_at_online_step_230(self, policy, buffer):
+        calls.append(1)
+        if len(calls) == 230:
+            raise KeyboardInterrupt
+        return real_step(self, policy, buffer)
+
+    monkeypatch.setattr(fql_eval.OnlineCollector, "step", killed_at_online_step_230)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(cube_data, tmp_path, *flags)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 250 and state["buffer"]["added"] == 200  # the online transitions travel along
+    assert state["buffer"]["rows"]["observations"].shape == (200, 28)
+
+    agent = run_cli(cube_data, tmp_path, *flags, "--resume")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 310 and state["buffer"]["added"] == 260
+    rows = read_csv(tmp_path / "train.csv")
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200, 250, 300]
+    offline_size = int(rows[1]["exploration/buffer_size"]) - 50
+    assert offline_size == 3 * 99  # the recorded dataset: 3 episodes of 100 steps, 99 transitions each
+    assert [int(r["exploration/buffer_size"]) for r in rows[1:]] == [offline_size + k for k in (50, 100, 150, 200, 250)]
+    assert rows[0]["exploration/buffer_size"] == ""  # offline rows have no exploration columns
+    # the first online episode ended at step 250; after the resume a new one started (the interrupted one is lost)
+    assert float(rows[4]["exploration/length"]) == 200 and rows[4]["exploration/success"] in ("0.0", "1.0")
+    assert all(math.isfinite(float(r["critic/critic_loss"])) for r in rows)
+    assert agent is not None
+
+
+def test_finetune_command_starts_from_a_checkpoint(cube_data, tmp_path):
+    run_cli(cube_data, tmp_path / "offline", "--offline_steps", "40", "--batch_size", "32")
+    agent = fql_eval.main(["finetune", "--checkpoint", str(tmp_path / "offline"), "--online_steps", "30",
+                           "--eval_interval", "0", "--log_interval", "10", "--device", "cpu"])
+    state = torch.load(tmp_path / "offline-finetune" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 70 and state["buffer"]["added"] == 30 and state["config"]["offline_steps"] == 40
+    assert [r["step"] for r in read_csv(tmp_path / "offline-finetune" / "train.csv")] == ["50", "60", "70"]
+    assert agent.cfg.online_steps == 30
+
+
+def write_fake_run(directory, seed, alpha, success):
+    os.makedirs(directory)
+    config = dataclasses.asdict(make_config(seed=seed, alpha=alpha))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        fql.json.dump(config, f)
+    train, evaluation = fql.CSVLog(os.path.join(directory, "train.csv"), 0), fql.CSVLog(
+        os.path.join(directory, "eval.csv"), 0)
+    for step in (100, 200, 300):
+        train.write({"step": step, "critic/critic_loss": 1 / step, "actor/bc_flow_loss": 0.5, "actor/distill_loss": 0.1,
+                     "actor/q": -step / 100})
+        evaluation.write({"step": step, "evaluation/success": success * step / 300})
+
+
+def test_plot_writes_a_png(tmp_path):
+    runs = [tmp_path / "a0", tmp_path / "a1", tmp_path / "b0"]
+    write_fake_run(runs[0], 0, 3.0, 0.5)
+    write_fake_run(runs[1], 1, 3.0, 0.7)
+    write_fake_run(runs[2], 0, 10.0, 0.2)
+    output = tmp_path / "runs.png"
+    fql_eval.main(["plot", *map(str, runs), "--output", str(output)])
+    import matplotlib.image
+
+    image = matplotlib.image.imread(output)
+    assert output.stat().st_size > 10_000 and image.shape[1] > 1000 and image.std() > 0.01
+    with pytest.raises(SystemExit, match="not an fql.py run folder"):
+        fql_eval.main(["plot", str(tmp_path), "--output", str(output)])
+
+
+def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
+    cfg = fql.resolve_config(make_config(run_dir=str(tmp_path)))
+    agent = make_agent(28, 5, cfg)
+    fql.save_checkpoint(str(tmp_path / "checkpoint.pt"), agent, 7, cfg)
+    result = fql_eval.main(["--checkpoint", str(tmp_path), "--episodes", "2", "--num_envs", "2", "--device", "cpu"])
+    assert result["step"] == 7 and result["length"] == 200 and 0 <= result["success"] <= 1
+    with open(tmp_path / "eval_step7_seed0.json") as f:
+        assert fql.json.load(f)["episodes"] == 2
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        fql_eval.main(["--checkpoint", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="was trained on cube-single-play-singletask-task2-v0"):
+        fql_eval.main(["--checkpoint", str(tmp_path), "--env", "ogbench-antmaze-large", "--device", "cpu"])
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI and bad input
 # ----------------------------------------------------------------------------------------------
@@ -579,7 +759,8 @@ def test_flags_in_underscore_and_hyphen_spellings():
     (("--env", "ogbench-cube-triple"), "Valid: ogbench-antmaze-large"),
     (("--env", "ogbench-cube-single-task9"), "tasks 1 to 5"),
     (("--batch_size", "0"), "--batch_size must be positive"),
-    (("--offline_steps", "-5"), "--offline_steps must be positive"),
+    (("--offline_steps", "-5"), "--offline_steps must be >= 0"),
+    (("--offline_steps", "0"), "nothing to train"),
 ])
 def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
