@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import fql  # first: it points MuJoCo at headless rendering before anything loads MuJoCo
 
@@ -23,6 +24,7 @@ import numpy as np
 import ogbench
 import torch
 import tyro
+from ogbench.locomaze.maze import make_maze_env
 from tqdm import tqdm
 
 Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-1, 1]
@@ -32,7 +34,12 @@ Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-
 # Environments
 # ----------------------------------------------------------------------------------------------
 def make_env(env_name: str, **kwargs) -> gymnasium.Env:
-    """The OGBench single-task environment (no dataset needed)."""
+    """The OGBench single-task or D4RL environment (no dataset needed)."""
+    if env_name.startswith("antmaze") and env_name in fql.D4RL:
+        maze = D4RL_MAZES[env_name.split("-")[1]]
+        return gymnasium.wrappers.TimeLimit(d4rl_antmaze_class()(maze, **kwargs), 700 if maze is U_MAZE else 1000)
+    if env_name in fql.D4RL:
+        return make_adroit_env(env_name.split("-")[0], **kwargs)
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
 
 
@@ -40,6 +47,125 @@ def make_vector_env(env_name: str, num_envs: int) -> gymnasium.vector.VectorEnv:
     """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
     hold CUDA and OpenMP threads, which fork would copy in a broken state."""
     return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name)] * num_envs, context="forkserver")
+
+
+# D4RL's AntMaze evaluation mazes (its *_TEST maps): 1 wall, 0 free; the ant starts in cell (1, 1)
+U_MAZE = [[1, 1, 1, 1, 1],
+          [1, 0, 0, 0, 1],
+          [1, 1, 1, 0, 1],
+          [1, 0, 0, 0, 1],
+          [1, 1, 1, 1, 1]]
+BIG_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 0, 0, 1, 1, 0, 0, 1],
+            [1, 0, 0, 1, 0, 0, 0, 1],
+            [1, 1, 0, 0, 0, 1, 1, 1],
+            [1, 0, 0, 1, 0, 0, 0, 1],
+            [1, 0, 1, 0, 0, 1, 0, 1],
+            [1, 0, 0, 0, 1, 0, 0, 1],
+            [1, 1, 1, 1, 1, 1, 1, 1]]
+HARDEST_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+                [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+                [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
+                [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
+                [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+                [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
+                [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
+                [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+D4RL_MAZES = {"umaze": U_MAZE, "medium": BIG_MAZE, "large": HARDEST_MAZE}
+D4RL_GOAL_CELLS = {id(U_MAZE): (3, 1), id(BIG_MAZE): (6, 6), id(HARDEST_MAZE): (7, 9)}
+@functools.cache
+def d4rl_antmaze_class() -> type:
+    """D4RL's AntMaze (v2 evaluation) on OGBench's ant, which has D4RL's ant model and coordinates. The ant
+    starts at cell (1, 1) = (0, 0) with the ant's reset noise; each episode draws the goal as D4RL does
+    (goal cell + U(0, 1) + U(0, 0.5) per axis, floored at 0); reward 1 and the end of the episode within
+    0.5 of the goal, else reward 0. (OGBench defines its maze class inside a factory, hence this function.)"""
+    ogbench_antmaze = type(make_maze_env("ant", "maze", maze_type="arena"))
+
+    class D4RLAntMaze(ogbench_antmaze):
+        def __init__(self, maze_map: list, **kwargs):
+            self.d4rl_map, self.goal_cell = maze_map, D4RL_GOAL_CELLS[id(maze_map)]
+            super().__init__(maze_type="arena", terminate_at_goal=True, success_timing="post", **kwargs)
+
+        def update_tree(self, tree):  # OGBench builds the walls from self.maze_map here
+            self.maze_map = np.array(self.d4rl_map)
+            super().update_tree(tree)
+
+        def reset(self, *, seed=None, options=None):
+            _, info = super(ogbench_antmaze, self).reset(seed=seed)  # the ant's own reset, no OGBench task
+            goal = np.array(self.ij_to_xy(self.goal_cell)) + self.np_random.uniform(0, 1, 2)
+            self.set_goal(goal_xy=np.maximum(goal + self.np_random.uniform(0, 0.5, 2), 0))
+            return self.get_ob(), info
+
+    return D4RLAntMaze
+
+
+# gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door, hammer and
+# relocate rewards (Gymnasium-Robotics PR 220); for those versions the reward is recomputed as D4RL's
+ADROIT_SIGN_BUG = (1, 2, 1) <= tuple(int(x) for x in version("gymnasium-robotics").split(".")[:3]) <= (1, 4, 2)
+
+
+def make_adroit_env(task: str, **kwargs) -> gymnasium.Env:
+    """gymnasium-robotics' Adroit hand with D4RL's rewards and episode lengths (pen: 100 steps, and the
+    episode ends when the pen drops, as in D4RL)."""
+    import gymnasium_robotics
+
+    gymnasium.register_envs(gymnasium_robotics)
+    env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1", max_episode_steps=100 if task == "pen" else 200,
+                         **kwargs)
+    return D4RLAdroit(env, task)
+
+
+class D4RLAdroit(gymnasium.Wrapper):
+    def __init__(self, env: gymnasium.Env, task: str):
+        super().__init__(env)
+        self.task = task
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        if self.task == "pen":
+            terminated = bool(self.env.unwrapped.data.xpos[self.env.unwrapped.obj_body_id][2] < 0.075)
+        elif ADROIT_SIGN_BUG:
+            reward = d4rl_adroit_reward(self.task, self.env.unwrapped)
+        return observation, reward, terminated, truncated, info
+
+
+def d4rl_adroit_reward(task: str, env) -> float:
+    """D4RL's dense reward of the door, hammer and relocate tasks (with its bonuses) at the current state."""
+    data, sites = env.data, env.data.site_xpos
+    if task == "door":
+        door = data.qpos[env.door_hinge_addrs]
+        reward = -0.1 * np.linalg.norm(sites[env.grasp_site_id] - sites[env.handle_site_id])
+        reward += -0.1 * (door - 1.57) ** 2 - 1e-5 * np.sum(data.qvel ** 2)
+        return float(reward + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35))
+    obj, palm = data.xpos[env.obj_body_id], sites[env.S_grasp_site_id]
+    if task == "hammer":
+        tool, nail, goal = sites[env.tool_site_id], sites[env.target_obj_site_id], sites[env.goal_site_id]
+        nail_to_goal = np.linalg.norm(nail - goal)
+        reward = -0.1 * np.linalg.norm(palm - obj) - np.linalg.norm(tool - nail) - 10 * nail_to_goal
+        reward -= 1e-2 * np.linalg.norm(data.qvel)
+        return float(reward + 2 * (obj[2] > 0.04 and tool[2] > 0.04) + 25 * (nail_to_goal < 0.02)
+                     + 75 * (nail_to_goal < 0.01))
+    target = sites[env.target_obj_site_id]  # relocate
+    reward = -0.1 * np.linalg.norm(palm - obj)
+    if obj[2] > 0.04:
+        reward += 1.0 - 0.5 * np.linalg.norm(palm - target) - 0.5 * np.linalg.norm(obj - target)
+    obj_to_target = np.linalg.norm(obj - target)
+    return float(reward + 10 * (obj_to_target < 0.1) + 20 * (obj_to_target < 0.05))
+
+
+# D4RL's normalised score: 100 * (return - random) / (expert - random)
+D4RL_REFERENCE_RETURNS = {"antmaze": (0.0, 1.0), "pen": (96.262799, 3076.8331017826877),
+                          "door": (-56.512833, 2880.5693087298737), "hammer": (-274.856578, 12794.134825156867),
+                          "relocate": (-6.425911, 4233.877797728884)}
+
+
+def with_score(env_name: str, result: dict) -> dict:
+    """Add D4RL's normalised score of the mean return for D4RL environments."""
+    if env_name not in fql.D4RL:
+        return result
+    low, high = D4RL_REFERENCE_RETURNS[env_name.split("-")[0]]
+    return dict(result, score=100 * (result["return"] - low) / (high - low))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,15 +255,16 @@ class OnlineCollector:
     """Steps one environment with the current policy and appends each transition to the replay buffer,
     with mask = 1 - terminated; a new episode starts when one is terminated or truncated."""
 
-    def __init__(self, env: gymnasium.Env, seed: int):
-        self.env, self.last_episode = env, {}
+    def __init__(self, env: gymnasium.Env, seed: int, reward_shift: float = 0.0):
+        self.env, self.reward_shift, self.last_episode = env, reward_shift, {}
         self.observation, _ = env.reset(seed=seed)
         self.episode_return, self.episode_length = 0.0, 0
 
     def step(self, policy: Policy, buffer: fql.ReplayBuffer):
         action = policy(self.observation)
         next_observation, reward, terminated, truncated, info = self.env.step(action)
-        buffer.add(dict(observations=self.observation, actions=action, rewards=reward, masks=1.0 - terminated,
+        buffer.add(dict(observations=self.observation, actions=action, rewards=reward + self.reward_shift,
+                        masks=1.0 - terminated,
                         next_observations=next_observation))
         self.episode_return += float(reward)
         self.episode_length += 1

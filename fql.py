@@ -21,9 +21,11 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,12 +47,12 @@ from tqdm import tqdm  # noqa: E402
 @dataclass
 class Config:
     env: str = "ogbench-cube-single"
-    """ogbench-<env> (its default task), ogbench-<env>-task<N>, or a full OGBench name such as
-    cube-single-play-singletask-task2-v0"""
+    """ogbench-<env> (its default task), ogbench-<env>-task<N>, a full OGBench name such as
+    cube-single-play-singletask-task2-v0, d4rl-<dataset> or a D4RL name such as antmaze-large-play-v2"""
     seed: int = 0
     """seed for torch, numpy and the evaluation episodes"""
-    offline_steps: int = 1_000_000
-    """number of gradient steps on the offline dataset"""
+    offline_steps: int | None = None
+    """gradient steps on the offline dataset; default: 500K for D4RL (as the paper), else 1M"""
     online_steps: int = 0
     """environment steps of online fine-tuning after the offline steps, one update per step"""
     buffer_size: int = 2_000_000
@@ -124,11 +126,30 @@ ENVS = {
     "puzzle-3x3": ("puzzle-3x3-play", 4, 1000, {}),
     "puzzle-4x4": ("puzzle-4x4-play", 4, 1000, {}),
 }
-DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean")  # official agent config
+DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)  # official agent config
+
+# D4RL: name -> (d4rl's file name, alpha, extra flags); the official README's settings, 500K steps
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
+ANTMAZE_FILE = "ant_maze_v2/Ant_maze_{}_noisy_multistart_{}_multigoal_{}_sparse_fixed.hdf5"
+D4RL = {
+    "antmaze-umaze-v2": (ANTMAZE_FILE.format("u-maze", False, False), 10, {}),
+    "antmaze-umaze-diverse-v2": (ANTMAZE_FILE.format("u-maze", True, True), 10, {}),
+    "antmaze-medium-play-v2": (ANTMAZE_FILE.format("big-maze", True, False), 10, {}),
+    "antmaze-medium-diverse-v2": (ANTMAZE_FILE.format("big-maze", True, True), 10, {}),
+    "antmaze-large-play-v2": (ANTMAZE_FILE.format("hardest-maze", True, False), 3, {}),
+    "antmaze-large-diverse-v2": (ANTMAZE_FILE.format("hardest-maze", True, True), 3, {}),
+    **{f"{task}-{kind}-v1": (f"hand_dapg_v1/{task}-{kind}-v1.hdf5", alpha, dict(q_agg="min"))
+       for task, alphas in dict(pen=(10000, 10000, 3000), door=(30000, 30000, 30000),
+                                hammer=(30000, 10000, 30000), relocate=(10000, 30000, 30000)).items()
+       for kind, alpha in zip(("human", "cloned", "expert"), alphas, strict=True)},
+}
 
 
 def resolve_env(name: str) -> tuple[str, dict]:
     """Map a user's env name to (full OGBench single-task name, per-env defaults)."""
+    for d4rl_name, (_, alpha, extra) in D4RL.items():
+        if name in (d4rl_name, "d4rl-" + d4rl_name.rsplit("-", 1)[0]):
+            return d4rl_name, dict(alpha=alpha, offline_steps=500_000, **extra)
     if name.startswith(("visual-", "ogbench-visual-")):
         raise UsageError(f"{name}: pixel-based (visual-*) tasks are not supported yet; use a state-based env")
     alias = re.fullmatch(r"ogbench-(.+?)(?:-task(\d+))?", name)
@@ -145,12 +166,19 @@ def resolve_env(name: str) -> tuple[str, dict]:
                 return name, dict(alpha=alpha, **extra)
         return name, {}
     valid = ", ".join(f"ogbench-{a}" for a in ENVS)
+    d4rl = ", ".join("d4rl-" + n.rsplit("-", 1)[0] for n in D4RL)
     raise UsageError(f"unknown env {name!r}. Valid: {valid} (add -task1..-task5 for another task), "
-                     "or a full OGBench single-task name such as cube-single-play-singletask-task2-v0")
+                     f"a full OGBench single-task name such as cube-single-play-singletask-task2-v0, or {d4rl}")
 
 
 def resolve_config(cfg: Config) -> Config:
-    """Check the config and fill the per-environment defaults the user did not set."""
+    """Fill the per-environment defaults the user did not set, then check the config."""
+    env_name, env_defaults = resolve_env(cfg.env)
+    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
+              for k, v in {**DEFAULTS, **env_defaults}.items()}
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{cfg.seed}")
+    cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=run_dir, **filled)
     for field in ("buffer_size", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes"):
         if getattr(cfg, field) <= 0:
             raise UsageError(f"--{field} must be positive, got {getattr(cfg, field)}")
@@ -159,16 +187,11 @@ def resolve_config(cfg: Config) -> Config:
             raise UsageError(f"--{field} must be >= 0, got {getattr(cfg, field)}")
     if cfg.offline_steps + cfg.online_steps == 0:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
-    env_name, env_defaults = resolve_env(cfg.env)
-    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
-              for k, v in {**DEFAULTS, **env_defaults}.items()}
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{cfg.seed}")
-    return dataclasses.replace(cfg, env=env_name, device=device, run_dir=run_dir, **filled)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: OGBench datasets, moved to the device once; batches are sampled there
+# Data: OGBench and D4RL datasets, moved to the device once; batches are sampled there
 # ----------------------------------------------------------------------------------------------
 ACTION_CLIP = 1 - 1e-5  # dataset actions are clipped so the flow never has to reach exactly +-1
 
@@ -191,6 +214,45 @@ def load_ogbench(env_name: str, dataset_dir: str):
             socket.setdefaulttimeout(old_timeout)
     env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir)
     return env, train, val
+
+
+def load_d4rl(name: str) -> dict:
+    """Transitions of a D4RL dataset read from d4rl's own hdf5 file (no d4rl, no mujoco-py): converted as
+    d4rl.qlearning_dataset does, then post-processed as the official FQL code does."""
+    import h5py
+
+    directory = os.path.expanduser(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets"))
+    url = D4RL_URL + D4RL[name][0]
+    path = os.path.join(directory, os.path.basename(url))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            print(f"downloading {url}")
+            with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
+                shutil.copyfileobj(response, f)
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            raise UsageError(f"D4RL file {os.path.basename(path)} is not in {directory} and could not be downloaded "
+                             f"({err}). Download {url} into that folder (or set D4RL_DATASET_DIR).") from None
+    with h5py.File(path, "r") as f:
+        if "timeouts" not in f:
+            raise UsageError(f"{path} has no 'timeouts'; the D4RL v2 antmaze and v1 adroit files have them")
+        observations, actions = f["observations"][:].astype(np.float32), f["actions"][:].astype(np.float32)
+        rewards, dones, timeouts = f["rewards"][:].astype(np.float32), f["terminals"][:], f["timeouts"][:]
+
+    # d4rl.qlearning_dataset: transition i goes to i + 1; the last step of a timed-out episode is dropped
+    keep = ~timeouts[:-1].astype(bool)
+    dataset = dict(observations=observations[:-1][keep], actions=actions[:-1][keep], rewards=rewards[:-1][keep],
+                   next_observations=observations[1:][keep], masks=1.0 - dones[:-1][keep].astype(np.float32))
+    # Official FQL: an episode ends where the next transition does not start from this one's next
+    # observation (or, for adroit, at a terminal); antmaze rewards shift from {0, 1} to {-1, 0}
+    breaks = np.linalg.norm(dataset["observations"][1:] - dataset["next_observations"][:-1], axis=-1) > 1e-6
+    if not name.startswith("antmaze"):
+        breaks |= dones[:-1][keep][:-1].astype(bool)
+    dataset["terminals"] = np.append(breaks, True).astype(np.float32)
+    if name.startswith("antmaze"):
+        dataset["rewards"] = dataset["rewards"] - 1.0
+    return dataset
 
 
 def to_device(dataset: dict, device) -> dict:
@@ -584,8 +646,12 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
     if cfg.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX uses by default on GPU
 
-    env, train_set, val_set = load_ogbench(cfg.env, cfg.dataset_dir)
-    train_data, val_data = to_device(train_set, cfg.device), to_device(val_set, cfg.device)
+    if cfg.env in D4RL:  # D4RL has no validation split
+        env, train_set, val_set = eval.make_env(cfg.env), load_d4rl(cfg.env), None
+    else:
+        env, train_set, val_set = load_ogbench(cfg.env, cfg.dataset_dir)
+    train_data = to_device(train_set, cfg.device)
+    val_data = to_device(val_set, cfg.device) if val_set else None
     obs_dim, action_dim = train_data["observations"].shape[1], train_data["actions"].shape[1]
     agent = FQLAgent(FQLNetworks(obs_dim, action_dim, cfg).to(cfg.device), cfg)
     offline_step = make_train_step(agent, functools.partial(sample_batch, train_data))
@@ -632,17 +698,20 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
             metrics = offline_step(with_metrics=log_now)
         else:  # fine-tuning: one environment step, then one update on the growing buffer
             if collector is None:
-                collector = eval.OnlineCollector(env, seed=cfg.seed + step)
+                # the official code shifts D4RL antmaze rewards online as it does offline
+                reward_shift = -1.0 if cfg.env in D4RL and cfg.env.startswith("antmaze") else 0.0
+                collector = eval.OnlineCollector(env, seed=cfg.seed + step, reward_shift=reward_shift)
             collector.step(agent.act, buffer)
             metrics = online_step(with_metrics=log_now)
 
         if log_now:  # the only host synchronisation between steps
-            with torch.no_grad():
-                val_batch = sample_batch(val_data, cfg.batch_size)
-                _, val_metrics = fql_losses(agent.nets, val_batch, draw_noise(cfg.batch_size, action_dim, cfg.device),
-                                            cfg, with_metrics=True)
-            row = {"step": step, **{k: v.item() for k, v in metrics.items()},
-                   **{f"validation/{k}": v.item() for k, v in val_metrics.items()}}
+            row = {"step": step, **{k: v.item() for k, v in metrics.items()}}
+            if val_data is not None:
+                with torch.no_grad():
+                    val_batch = sample_batch(val_data, cfg.batch_size)
+                    val_noise = draw_noise(cfg.batch_size, action_dim, cfg.device)
+                    _, val_metrics = fql_losses(agent.nets, val_batch, val_noise, cfg, with_metrics=True)
+                row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
             if collector is not None:
                 row.update(collector.last_episode, **{"exploration/buffer_size": buffer.count})
             row["time/updates_per_sec"] = (step - last_step) / (time.time() - last_time)
@@ -655,7 +724,8 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
                 wandb.log(row, step=step)
 
         if eval_envs and (step % cfg.eval_interval == 0 or step == total_steps):
-            result = eval.evaluate_parallel(agent.act, eval_envs, cfg.eval_episodes, seed=cfg.seed + step)
+            result = eval.with_score(cfg.env, eval.evaluate_parallel(agent.act, eval_envs, cfg.eval_episodes,
+                                                                     seed=cfg.seed + step))
             eval_log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
             progress.write(f"step {step}: success {result['success']:.3f}, return {result['return']:.1f}")
             if wandb:

@@ -722,6 +722,162 @@ def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# D4RL: datasets from d4rl's hdf5 files, environments on modern MuJoCo
+# ----------------------------------------------------------------------------------------------
+def write_d4rl_file(directory, name, observations, actions, rewards, terminals, timeouts):
+    import h5py
+
+    path = os.path.join(directory, os.path.basename(fql.D4RL[name][0]))
+    with h5py.File(path, "w") as f:
+        for key, value in dict(observations=observations, actions=actions, rewards=rewards, terminals=terminals,
+                               timeouts=timeouts).items():
+            f.create_dataset(key, data=value)
+        f.create_dataset("infos/qpos", data=np.zeros((len(rewards), 2)))  # d4rl files carry infos/*; unused
+    return path
+
+
+def test_d4rl_file_becomes_fql_transitions(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    rows = np.arange(7, dtype=np.float32)  # two episodes, rows 0-3 and 4-6, each cut by a timeout
+    observations = np.repeat(rows[:, None], 29, axis=1)
+    timeouts = np.array([0, 0, 0, 1, 0, 0, 1], bool)
+    write_d4rl_file(tmp_path, "antmaze-umaze-v2", observations, np.full((7, 8), 2.0), rows * 0 + (rows == 2),
+                    np.zeros(7, bool), timeouts)
+    data = fql.load_d4rl("antmaze-umaze-v2")
+    # as d4rl.qlearning_dataset: transitions from rows 0, 1, 2, 4, 5 (row 3 ends its episode by timeout)
+    np.testing.assert_array_equal(data["observations"][:, 0], [0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 3, 5, 6])
+    np.testing.assert_array_equal(data["rewards"], [-1, -1, 0, -1, -1])  # antmaze: reward - 1
+    np.testing.assert_array_equal(data["masks"], [1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(data["terminals"], [0, 0, 1, 0, 1])  # where the next start does not follow
+    assert fql.to_device(data, "cpu")["actions"].max() == np.float32(1 - 1e-5)  # actions clipped as OGBench's
+
+    dones = np.array([0, 1, 0, 0, 0, 0, 0], bool)  # adroit: a terminal also ends the episode, and masks it
+    write_d4rl_file(tmp_path, "pen-human-v1", observations[:, :3], np.zeros((7, 24)), rows, dones, timeouts)
+    data = fql.load_d4rl("pen-human-v1")
+    np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(data["masks"], [1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(data["terminals"], [0, 1, 1, 0, 1])
+
+
+def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
+    cfg = parse("--env", "d4rl-antmaze-large-play")
+    assert (cfg.env, cfg.alpha, cfg.q_agg, cfg.offline_steps) == ("antmaze-large-play-v2", 3, "mean", 500_000)
+    cfg = parse("--env", "pen-expert-v1", "--offline_steps", "7")
+    assert (cfg.env, cfg.alpha, cfg.q_agg, cfg.offline_steps) == ("pen-expert-v1", 3000, "min", 7)
+    assert len(fql.D4RL) == 18
+    with pytest.raises(SystemExit, match="d4rl-antmaze-umaze-diverse"):
+        fql.main(["--env", "d4rl-antmaze-ultra-play"])
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        fql.main(["--env", "d4rl-door-cloned", "--run_dir", str(tmp_path / "run")])
+    assert "door-cloned-v1.hdf5" in str(exit_info.value.code) and str(tmp_path) in str(exit_info.value.code)
+
+
+def test_d4rl_antmaze_rewards_the_goal_and_ends_there():
+    env = fql_eval.make_env("antmaze-medium-play-v2")
+    maze = env.unwrapped
+    assert env.observation_space.shape == (29,) and env._max_episode_steps == 1000
+    np.testing.assert_array_equal(maze.maze_map, fql_eval.BIG_MAZE)
+    goals = []
+    for seed in range(20):
+        observation, _ = env.reset(seed=seed)
+        assert np.abs(observation[:2]).max() <= 0.1  # starts at cell (1, 1) = (0, 0), with the ant's noise
+        goals.append(np.array(maze.cur_goal_xy))
+        _, reward, terminated, _, info = env.step(np.zeros(8))
+        assert (reward, terminated, info["success"]) == (0.0, False, 0.0)
+    goals = np.array(goals)  # D4RL's goal: cell (6, 6) = (20, 20) plus U(0, 1) + U(0, 0.5) per axis
+    assert goals.min() >= 20 and goals.max() <= 21.5 and goals.std(0).min() > 0.1
+    maze.set_xy(maze.cur_goal_xy + 0.2)
+    _, reward, terminated, _, info = env.step(np.zeros(8))
+    assert (reward, terminated, info["success"]) == (1.0, True, 1.0)
+    assert fql_eval.make_env("antmaze-umaze-diverse-v2")._max_episode_steps == 700
+
+
+@pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
+def test_adroit_reward_is_d4rls(task):
+    """gymnasium-robotics (1.2.1-1.4.2) adds +0.1 |palm - object| where D4RL subtracts it; the wrapper's
+    reward must equal the simulator's reward with that term's sign put back."""
+    env = fql_eval.make_env(f"{task}-human-v1")
+    inner = env.unwrapped
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        action = rng.uniform(-1, 1, env.action_space.shape)
+        state = (inner.data.qpos.copy(), inner.data.qvel.copy())
+        _, reward, terminated, truncated, _ = env.step(action)
+        inner.set_state(*state)  # the same step again, through gymnasium-robotics alone
+        _, gym_reward, *_ = env.env.step(action)
+        if task == "door":  # D4RL's "object" of the door is its handle
+            obj, palm = inner.data.site_xpos[inner.handle_site_id], inner.data.site_xpos[inner.grasp_site_id]
+        else:
+            obj, palm = inner.data.xpos[inner.obj_body_id], inner.data.site_xpos[inner.S_grasp_site_id]
+        assert reward == pytest.approx(gym_reward - 0.2 * np.linalg.norm(palm - obj), abs=1e-9)
+        assert not terminated and not truncated
+
+
+def test_adroit_pen_ends_when_dropped_and_runs_100_steps():
+    env = fql_eval.make_env("pen-human-v1")
+    pen = env.unwrapped
+    rng = np.random.default_rng(0)
+    endings = []
+    for episode in range(5):  # random hands drop the pen now and then, as D4RL's random reference did
+        env.reset(seed=episode)
+        for t in range(1, 200):
+            _, reward, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 24))
+            if terminated or truncated:
+                break
+        endings.append((t, terminated, pen.data.xpos[pen.obj_body_id][2], reward))
+    assert all(t <= 100 for t, *_ in endings)
+    assert all(t == 100 for t, terminated, *_ in endings if not terminated)
+    dropped = [(z, reward) for t, terminated, z, reward in endings if terminated]
+    assert dropped and all(z < 0.075 and reward < -3 for z, reward in dropped)  # D4RL's -5 for dropping
+
+
+@pytest.mark.parametrize("name,tolerance", [("pen-human-v1", 5), ("door-human-v1", 1), ("hammer-human-v1", 1),
+                                            ("relocate-human-v1", 1), ("antmaze-umaze-v2", 0)])
+def test_random_policy_scores_near_d4rl_random_reference(name, tolerance):
+    """D4RL's reference minimum is a random policy's return, so random actions must score about 0. The
+    spread of 10 random episodes is a few points of pen's expert-random range (pens drop at random times)
+    and well under a point for the other tasks; the antmaze goal is never reached at random."""
+    env = fql_eval.make_env(name)
+    rng = np.random.default_rng(0)
+    result = fql_eval.with_score(name, fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, env.action_space.shape),
+                                                         env, 10 if name != "antmaze-umaze-v2" else 2, seed=0))
+    assert abs(result["score"]) <= tolerance, result
+
+
+def test_d4rl_normalised_score_arithmetic():
+    assert fql_eval.with_score("pen-human-v1", {"return": 3076.8331017826877})["score"] == pytest.approx(100)
+    assert fql_eval.with_score("door-cloned-v1", {"return": -56.512833})["score"] == pytest.approx(0)
+    hammer = (-274.856578 + 12794.134825156867) / 2
+    assert fql_eval.with_score("hammer-expert-v1", {"return": hammer})["score"] == pytest.approx(50)
+    assert fql_eval.with_score("antmaze-large-play-v2", {"return": 0.75})["score"] == pytest.approx(75)
+    assert "score" not in fql_eval.with_score(CUBE, {"return": 1.0})
+
+
+def test_d4rl_training_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    rng = np.random.default_rng(0)
+    n = 200
+    write_d4rl_file(tmp_path, "antmaze-umaze-v2", rng.normal(size=(n, 29)).astype(np.float32),
+                    rng.uniform(-1, 1, (n, 8)), (rng.uniform(size=n) < 0.1).astype(np.float32), np.zeros(n, bool),
+                    np.arange(n) % 50 == 49)
+    fql.main(["--env", "d4rl-antmaze-umaze", "--run_dir", str(tmp_path / "run"), "--no-compile", *SMALL,
+              "--offline_steps", "40", "--log_interval", "20", "--eval_interval", "40", "--eval_episodes", "1",
+              "--batch_size", "32"])
+    rows = read_csv(tmp_path / "run" / "train.csv")
+    assert [r["step"] for r in rows] == ["20", "40"] and not any(k.startswith("validation/") for k in rows[0])
+    (evaluation,) = read_csv(tmp_path / "run" / "eval.csv")
+    assert float(evaluation["evaluation/score"]) == 100 * float(evaluation["evaluation/success"])
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI and bad input
 # ----------------------------------------------------------------------------------------------
 def parse(*args) -> fql.Config:
