@@ -36,8 +36,8 @@ Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-
 def make_env(env_name: str, **kwargs) -> gymnasium.Env:
     """The OGBench single-task or D4RL environment (no dataset needed)."""
     if env_name.startswith("antmaze") and env_name in fql.D4RL:
-        maze = D4RL_MAZES[env_name.split("-")[1]]
-        return gymnasium.wrappers.TimeLimit(d4rl_antmaze_class()(maze, **kwargs), 700 if maze is U_MAZE else 1000)
+        maze, goal_cell, episode_length = D4RL_MAZES[env_name.split("-")[1]]
+        return gymnasium.wrappers.TimeLimit(d4rl_antmaze_class()(maze, goal_cell, **kwargs), episode_length)
     if env_name in fql.D4RL:
         return make_adroit_env(env_name.split("-")[0], **kwargs)
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
@@ -72,8 +72,10 @@ HARDEST_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
                 [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
                 [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
                 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
-D4RL_MAZES = {"umaze": U_MAZE, "medium": BIG_MAZE, "large": HARDEST_MAZE}
-D4RL_GOAL_CELLS = {id(U_MAZE): (3, 1), id(BIG_MAZE): (6, 6), id(HARDEST_MAZE): (7, 9)}
+D4RL_MAZES = {"umaze": (U_MAZE, (3, 1), 700), "medium": (BIG_MAZE, (6, 6), 1000),  # map, goal cell, steps
+              "large": (HARDEST_MAZE, (7, 9), 1000)}
+
+
 @functools.cache
 def d4rl_antmaze_class() -> type:
     """D4RL's AntMaze (v2 evaluation) on OGBench's ant, which has D4RL's ant model and coordinates. The ant
@@ -83,8 +85,8 @@ def d4rl_antmaze_class() -> type:
     ogbench_antmaze = type(make_maze_env("ant", "maze", maze_type="arena"))
 
     class D4RLAntMaze(ogbench_antmaze):
-        def __init__(self, maze_map: list, **kwargs):
-            self.d4rl_map, self.goal_cell = maze_map, D4RL_GOAL_CELLS[id(maze_map)]
+        def __init__(self, maze_map: list, goal_cell: tuple, **kwargs):
+            self.d4rl_map, self.goal_cell = maze_map, goal_cell
             super().__init__(maze_type="arena", terminate_at_goal=True, success_timing="post", **kwargs)
 
         def update_tree(self, tree):  # OGBench builds the walls from self.maze_map here
@@ -100,11 +102,6 @@ def d4rl_antmaze_class() -> type:
     return D4RLAntMaze
 
 
-# gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door, hammer and
-# relocate rewards (Gymnasium-Robotics PR 220); for those versions the reward is recomputed as D4RL's
-ADROIT_SIGN_BUG = (1, 2, 1) <= tuple(int(x) for x in version("gymnasium-robotics").split(".")[:3]) <= (1, 4, 2)
-
-
 def make_adroit_env(task: str, **kwargs) -> gymnasium.Env:
     """gymnasium-robotics' Adroit hand with D4RL's rewards and episode lengths (pen: 100 steps, and the
     episode ends when the pen drops, as in D4RL)."""
@@ -113,19 +110,22 @@ def make_adroit_env(task: str, **kwargs) -> gymnasium.Env:
     gymnasium.register_envs(gymnasium_robotics)
     env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1", max_episode_steps=100 if task == "pen" else 200,
                          **kwargs)
-    return D4RLAdroit(env, task)
+    # gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door, hammer
+    # and relocate rewards (Gymnasium-Robotics PR 220); for those versions D4RL's reward is recomputed
+    release = tuple(int(x) for x in version("gymnasium-robotics").split(".")[:3])
+    return D4RLAdroit(env, task, recompute_reward=task != "pen" and (1, 2, 1) <= release <= (1, 4, 2))
 
 
 class D4RLAdroit(gymnasium.Wrapper):
-    def __init__(self, env: gymnasium.Env, task: str):
+    def __init__(self, env: gymnasium.Env, task: str, recompute_reward: bool):
         super().__init__(env)
-        self.task = task
+        self.task, self.recompute_reward = task, recompute_reward
 
     def step(self, action):
         observation, reward, terminated, truncated, info = self.env.step(action)
         if self.task == "pen":
             terminated = bool(self.env.unwrapped.data.xpos[self.env.unwrapped.obj_body_id][2] < 0.075)
-        elif ADROIT_SIGN_BUG:
+        if self.recompute_reward:
             reward = d4rl_adroit_reward(self.task, self.env.unwrapped)
         return observation, reward, terminated, truncated, info
 

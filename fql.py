@@ -68,7 +68,7 @@ class Config:
     discount: float | None = None
     """discount factor; default: 0.995 for antmaze-giant, humanoidmaze and antsoccer, else 0.99"""
     q_agg: Literal["mean", "min"] | None = None
-    """how the target takes the two critic members; default: min for antmaze-large/giant, else mean"""
+    """how the target takes the two critic members; default: min for antmaze-large/giant and Adroit, else mean"""
     tau: float = 0.005
     """Polyak rate of the target critic"""
     normalize_q_loss: bool = False
@@ -111,7 +111,7 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Environments and per-environment defaults (paper, Tables 5-6; official code)
+# Environments and per-environment defaults (the paper's hyperparameter tables; official README)
 # ----------------------------------------------------------------------------------------------
 # alias: (OGBench dataset, default task, alpha, extra flags)
 ENVS = {
