@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -33,8 +34,11 @@ Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-
 # ----------------------------------------------------------------------------------------------
 # Environments
 # ----------------------------------------------------------------------------------------------
-def make_env(env_name: str, **kwargs) -> gymnasium.Env:
-    """The OGBench single-task or D4RL environment (no dataset needed)."""
+def make_env(env_name: str, frame_stack: int | None = None, **kwargs) -> gymnasium.Env:
+    """The OGBench single-task or D4RL environment (no dataset needed); pixel observations stack the
+    `frame_stack` latest frames as the training data does."""
+    if frame_stack:
+        return FrameStack(make_env(env_name, **kwargs), frame_stack)
     if env_name.startswith("antmaze") and env_name in fql.D4RL:
         maze, goal_cell, episode_length = D4RL_MAZES[env_name.split("-")[1]]
         return gymnasium.wrappers.TimeLimit(d4rl_antmaze_class()(maze, goal_cell, **kwargs), episode_length)
@@ -43,10 +47,31 @@ def make_env(env_name: str, **kwargs) -> gymnasium.Env:
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
 
 
-def make_vector_env(env_name: str, num_envs: int) -> gymnasium.vector.VectorEnv:
+def make_vector_env(env_name: str, num_envs: int, frame_stack: int | None = None) -> gymnasium.vector.VectorEnv:
     """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
     hold CUDA and OpenMP threads, which fork would copy in a broken state."""
-    return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name)] * num_envs, context="forkserver")
+    return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name, frame_stack)] * num_envs,
+                                           context="forkserver")
+
+
+class FrameStack(gymnasium.ObservationWrapper):
+    """Observations of the `frames` latest frames along the channels, oldest first; after a reset the
+    first frame stands in for the ones before it (as the official code and the datasets' stacking)."""
+
+    def __init__(self, env: gymnasium.Env, frames: int):
+        super().__init__(env)
+        self.frames, self.stack = frames, []
+        shape = env.observation_space.shape
+        self.observation_space = gymnasium.spaces.Box(0, 255, (*shape[:-1], shape[-1] * frames), np.uint8)
+
+    def reset(self, **kwargs):
+        observation, info = self.env.reset(**kwargs)
+        self.stack = [observation] * self.frames
+        return np.concatenate(self.stack, axis=-1), info
+
+    def observation(self, observation):
+        self.stack = self.stack[1:] + [observation]
+        return np.concatenate(self.stack, axis=-1)
 
 
 # D4RL's AntMaze evaluation mazes (its *_TEST maps): 1 wall, 0 free; the ant starts in cell (1, 1)
@@ -220,12 +245,15 @@ def evaluate_parallel(policy: Policy, envs: gymnasium.vector.VectorEnv, episodes
     return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
 
 
-def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, directory: str, frame_skip: int) -> list:
-    """Render `episodes` episodes offscreen (every `frame_skip`-th frame) into mp4 files."""
+def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, directory: str, frame_skip: int,
+                  frame_stack: int | None = None) -> list:
+    """Render `episodes` episodes offscreen (every `frame_skip`-th frame) into mp4 files; pixel envs
+    render at their observations' size, which is what the policy sees."""
     import imageio
 
+    size = {} if env_name.startswith("visual-") else dict(width=256, height=256)
     try:
-        env = make_env(env_name, render_mode="rgb_array", width=256, height=256)
+        env = make_env(env_name, frame_stack, render_mode="rgb_array", **size)
         env.reset(seed=seed)
         env.render()
     except Exception as err:  # MuJoCo raises several types when no OpenGL platform loads
@@ -251,6 +279,56 @@ def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, direc
 # ----------------------------------------------------------------------------------------------
 # Online fine-tuning: the environment side (fql.train runs the updates)
 # ----------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with balanced
+    sampling). As in the official code, once full the oldest rows are overwritten, offline ones included.
+    `size` lives on the device, so sampling stays inside a recorded CUDA graph while the buffer grows."""
+
+    def __init__(self, data: dict, capacity: int):
+        n = len(data["actions"])
+        self.capacity, self.count, self.added = max(capacity, n + 1), n, 0
+        self.start = self.pointer = n % self.capacity
+        self.data = {k: v.new_zeros((self.capacity, *v.shape[1:])) for k, v in data.items()}
+        for k, v in data.items():
+            self.data[k][:n] = v
+        self.size = torch.tensor(float(n), device=data["actions"].device)
+
+    def add(self, transition: dict):
+        for k, v in transition.items():
+            self.data[k][self.pointer] = torch.as_tensor(v, dtype=torch.float32)
+        self.pointer, self.added = (self.pointer + 1) % self.capacity, self.added + 1
+        self.count = min(self.count + 1, self.capacity)
+        self.size.fill_(self.count)
+
+    def sample(self, batch_size: int) -> dict:
+        idx = (torch.rand(batch_size, device=self.size.device) * self.size).long()
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def online_rows(self) -> torch.Tensor:
+        """Positions of the rows written online that are still there, oldest first."""
+        kept = min(self.added, self.capacity)
+        return (self.start + self.added - kept + torch.arange(kept)) % self.capacity
+
+    def state_dict(self) -> dict:
+        rows = self.online_rows()
+        return dict(added=self.added, rows={k: v[rows.to(v.device)].cpu() for k, v in self.data.items()})
+
+    def load_state_dict(self, state: dict):
+        self.added = state["added"]
+        rows = self.online_rows()
+        for k, v in state["rows"].items():
+            self.data[k][rows.to(self.data[k].device)] = v.to(self.data[k].device)
+        self.pointer = (self.start + self.added) % self.capacity
+        self.count = min(self.count + self.added, self.capacity)
+        self.size.fill_(self.count)
+
+
+def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int) -> dict:
+    """Half of the batch from the offline dataset, half from the online transitions."""
+    first, second = fql.sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
+    return {k: torch.cat([first[k], second[k]]) for k in first}
+
+
 class OnlineCollector:
     """Steps one environment with the current policy and appends each transition to the replay buffer,
     with mask = 1 - terminated; a new episode starts when one is terminated or truncated."""
@@ -260,7 +338,7 @@ class OnlineCollector:
         self.observation, _ = env.reset(seed=seed)
         self.episode_return, self.episode_length = 0.0, 0
 
-    def step(self, policy: Policy, buffer: fql.ReplayBuffer):
+    def step(self, policy: Policy, buffer: ReplayBuffer):
         action = policy(self.observation)
         next_observation, reward, terminated, truncated, info = self.env.step(action)
         buffer.add(dict(observations=self.observation, actions=action, rewards=reward + self.reward_shift,
@@ -292,7 +370,7 @@ def load_agent(path: str, device: str) -> tuple[fql.FQLAgent, dict]:
     """The agent saved in a checkpoint, on `device`, and the checkpoint's other contents."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = fql.resolve_config(fql.Config(**{**state["config"], "device": device}))
-    agent = fql.FQLAgent(fql.FQLNetworks(state["obs_dim"], state["action_dim"], cfg).to(cfg.device), cfg)
+    agent = fql.FQLAgent(fql.FQLNetworks(state["observation_shape"], state["action_dim"], cfg).to(cfg.device), cfg)
     agent.load_state_dict(state)
     return agent, state
 
@@ -357,6 +435,53 @@ def read_curve(path: str, metric: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Benchmark: the training step in each execution mode, on random data
+# ----------------------------------------------------------------------------------------------
+def benchmark(cfg: fql.Config, repeats: int = 3):
+    """`python fql.py --benchmark`: median updates/s of `repeats` timings of the training step after warm-up,
+    in each execution mode, on random data with the env's shapes and the config's networks."""
+    cfg = fql.resolve_config(cfg)
+    env = make_env(cfg.env)
+    shape, action_dim = env.observation_space.shape, env.action_space.shape[0]
+    rng, n = np.random.default_rng(cfg.seed), 100_000 if len(shape) == 1 else 10_000
+    if len(shape) == 1:
+        dataset = dict(observations=rng.normal(size=(n, *shape)), next_observations=rng.normal(size=(n, *shape)))
+    else:  # compact frames, as pixel datasets are stored
+        dataset = dict(observations=rng.integers(0, 256, (n, *shape), dtype=np.uint8), valids=np.arange(n) < n - 1)
+    dataset.update(actions=rng.uniform(-1, 1, (n, action_dim)), rewards=-rng.integers(0, 2, n), masks=np.ones(n))
+    data = fql.to_device(dataset, cfg.device)
+    observation_shape = fql.make_sampler(data, cfg, augment=False)(1)["observations"].shape[1:]
+    on_cuda = torch.device(cfg.device).type == "cuda"
+    if on_cuda:
+        torch.set_float32_matmul_precision("high")  # as in training
+    device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
+    updates = 1000 if on_cuda else 20
+    modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
+    if on_cuda:
+        modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
+    print(f"FQL training step, observation {tuple(observation_shape)}, action {action_dim}, batch {cfg.batch_size}, "
+          f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
+          f"torch {torch.__version__}")
+    for name, flags in modes.items():
+        mode_cfg = dataclasses.replace(cfg, **flags)
+        torch.manual_seed(cfg.seed)
+        agent = fql.FQLAgent(fql.FQLNetworks(observation_shape, action_dim, mode_cfg).to(cfg.device), mode_cfg)
+        step = fql.make_train_step(agent, fql.make_sampler(data, mode_cfg))
+        rates, start = [], time.perf_counter()
+        for _ in range(3):  # warm-up: compilation and graph recording happen here
+            step(False)
+        step(True)["critic/critic_loss"].item()  # waits for the device
+        warmup = time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(updates - 1):
+                step(False)
+            step(True)["critic/critic_loss"].item()
+            rates.append(updates / (time.perf_counter() - start))
+        print(f"{name:<22} {np.median(rates):9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -417,21 +542,23 @@ def run_evaluation(args: EvalArgs) -> dict:
     path = checkpoint_path(args.checkpoint)
     agent, state = load_agent(path, args.device)
     env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env
-    probe = make_env(env_name)
-    shapes = (probe.observation_space.shape[0], probe.action_space.shape[0])
+    probe = make_env(env_name, agent.cfg.frame_stack)
+    shapes = (tuple(probe.observation_space.shape), probe.action_space.shape[0])
     probe.close()
-    if shapes != (state["obs_dim"], state["action_dim"]):
-        raise fql.UsageError(f"{path} was trained on {agent.cfg.env} (observation {state['obs_dim']}, action "
-                             f"{state['action_dim']}); {env_name} has observation {shapes[0]}, action {shapes[1]}")
-    envs = make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()))
+    if shapes != (tuple(state["observation_shape"]), state["action_dim"]):
+        raise fql.UsageError(f"{path} was trained on {agent.cfg.env} (observation {tuple(state['observation_shape'])}"
+                             f", action {state['action_dim']}); {env_name} has observation {shapes[0]}, action "
+                             f"{shapes[1]}")
+    envs = make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()), agent.cfg.frame_stack)
     with tqdm(total=args.episodes, unit="episode") as progress:
-        result = evaluate_parallel(agent.act, envs, args.episodes, args.seed, progress)
+        result = with_score(env_name, evaluate_parallel(agent.act, envs, args.episodes, args.seed, progress))
     envs.close()
     result = dict(result, env=env_name, episodes=args.episodes, seed=args.seed, step=state["step"], checkpoint=path)
     run_dir = os.path.dirname(path)
     if args.video_episodes:
         result["videos"] = record_videos(agent.act, env_name, args.video_episodes, args.seed,
-                                         os.path.join(run_dir, "videos", f"step{state['step']}"), args.frame_skip)
+                                         os.path.join(run_dir, "videos", f"step{state['step']}"), args.frame_skip,
+                                         agent.cfg.frame_stack)
     with open(os.path.join(run_dir, f"eval_step{state['step']}_seed{args.seed}.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"{env_name} at step {state['step']}: success {result['success']:.3f}, "

@@ -14,6 +14,7 @@ Examples:
   python fql.py --env cube-double-play-singletask-task2-v0 --no_compile
   python fql.py --env ogbench-cube-single --resume          # continue a killed run
 """
+import copy
 import csv
 import dataclasses
 import functools
@@ -75,6 +76,14 @@ class Config:
     """scale the Q term by 1 / mean|Q| (the official README suggests it for new tasks)"""
     flow_steps: int = 10
     """Euler steps when integrating the BC flow"""
+    encoder: Literal["impala_small", "impala_debug"] | None = None
+    """image encoder, one per network (the critic's two members share theirs); default: impala_small for
+    visual-* envs (impala_debug: a tiny one for quick CPU checks)"""
+    frame_stack: int | None = None
+    """pixel observations stack this many latest frames along the channels; default: 3 for visual-* envs"""
+    p_aug: float | None = None
+    """probability that a batch of pixel observations is randomly shifted (pad 3, crop); default: 0.5
+    for visual-* envs"""
     actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
     """hidden layer widths of the BC flow and the one-step policy"""
     value_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
@@ -125,6 +134,10 @@ ENVS = {
     "scene": ("scene-play", 2, 300, {}),
     "puzzle-3x3": ("puzzle-3x3-play", 4, 1000, {}),
     "puzzle-4x4": ("puzzle-4x4-play", 4, 1000, {}),
+    **{f"visual-{env}": (f"visual-{env}-play", 1, alpha, dict(encoder="impala_small", frame_stack=3, p_aug=0.5,
+                                                               offline_steps=500_000))
+       for env, alpha in {"cube-single": 300, "cube-double": 100, "scene": 100, "puzzle-3x3": 300,
+                          "puzzle-4x4": 300}.items()},
 }
 DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)  # official agent config
 
@@ -150,8 +163,6 @@ def resolve_env(name: str) -> tuple[str, dict]:
     for d4rl_name, (_, alpha, extra) in D4RL.items():
         if name in (d4rl_name, "d4rl-" + d4rl_name.rsplit("-", 1)[0]):
             return d4rl_name, dict(alpha=alpha, offline_steps=500_000, **extra)
-    if name.startswith(("visual-", "ogbench-visual-")):
-        raise UsageError(f"{name}: pixel-based (visual-*) tasks are not supported yet; use a state-based env")
     alias = re.fullmatch(r"ogbench-(.+?)(?:-task(\d+))?", name)
     if alias and alias[1] in ENVS:
         dataset, default_task, alpha, extra = ENVS[alias[1]]
@@ -187,6 +198,10 @@ def resolve_config(cfg: Config) -> Config:
             raise UsageError(f"--{field} must be >= 0, got {getattr(cfg, field)}")
     if cfg.offline_steps + cfg.online_steps == 0:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
+    if cfg.env.startswith("visual-") and not (cfg.encoder and cfg.frame_stack and cfg.frame_stack >= 1):
+        raise UsageError(f"{cfg.env} has pixel observations: give --encoder and --frame_stack >= 1")
+    if cfg.env.startswith("visual-") and cfg.online_steps:
+        raise UsageError("fine-tuning on pixels is not supported: its buffer would hold stacked frames per step")
     return cfg
 
 
@@ -212,8 +227,9 @@ def load_ogbench(env_name: str, dataset_dir: str):
                              f"downloaded ({err}). Copy them there, or pass --dataset_dir DIR.") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
-    env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir)
-    return env, train, val
+    # Pixel datasets stay compact (each frame once, s' = the next row), not doubled by next_observations
+    compact = env_name.startswith("visual-")
+    return ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir, compact_dataset=compact)
 
 
 def load_d4rl(name: str) -> dict:
@@ -256,10 +272,17 @@ def load_d4rl(name: str) -> dict:
 
 
 def to_device(dataset: dict, device) -> dict:
-    """Keep what the update needs as float32 tensors on the device."""
-    keys = ("observations", "actions", "rewards", "masks", "next_observations")
+    """Keep what the update needs on the device: float32 transitions, or for a compact pixel dataset the
+    uint8 frames with the rows that start a transition and the first row of each row's episode."""
+    keys = ("actions", "rewards", "masks") + (("observations", "next_observations") if "valids" not in dataset else ())
     data = {k: torch.as_tensor(np.asarray(dataset[k], dtype=np.float32), device=device) for k in keys}
     data["actions"] = data["actions"].clamp(-ACTION_CLIP, ACTION_CLIP)
+    if "valids" in dataset:
+        rows = np.arange(len(dataset["valids"]))
+        starts = np.concatenate([[True], dataset["valids"][:-1] == 0])  # a row after an episode's last frame
+        data["observations"] = torch.as_tensor(dataset["observations"], device=device)  # uint8, not copied again
+        data["valid_rows"] = torch.as_tensor(np.flatnonzero(dataset["valids"]), device=device)
+        data["episode_start"] = torch.as_tensor(np.maximum.accumulate(np.where(starts, rows, 0)), device=device)
     return data
 
 
@@ -270,65 +293,106 @@ def sample_batch(data: dict, batch_size: int) -> dict:
     return {k: v[idx] for k, v in data.items()}
 
 
-class ReplayBuffer:
-    """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with balanced
-    sampling). As in the official code, once full the oldest rows are overwritten, offline ones included.
-    `size` lives on the device, so sampling stays inside a recorded CUDA graph while the buffer grows."""
-
-    def __init__(self, data: dict, capacity: int):
-        n = len(data["actions"])
-        self.capacity, self.count, self.added = max(capacity, n + 1), n, 0
-        self.start = self.pointer = n % self.capacity
-        self.data = {k: v.new_zeros((self.capacity, *v.shape[1:])) for k, v in data.items()}
-        for k, v in data.items():
-            self.data[k][:n] = v
-        self.size = torch.tensor(float(n), device=data["actions"].device)
-
-    def add(self, transition: dict):
-        for k, v in transition.items():
-            self.data[k][self.pointer] = torch.as_tensor(v, dtype=torch.float32)
-        self.pointer, self.added = (self.pointer + 1) % self.capacity, self.added + 1
-        self.count = min(self.count + 1, self.capacity)
-        self.size.fill_(self.count)
-
-    def sample(self, batch_size: int) -> dict:
-        idx = (torch.rand(batch_size, device=self.size.device) * self.size).long()
-        return {k: v[idx] for k, v in self.data.items()}
-
-    def online_rows(self) -> torch.Tensor:
-        """Positions of the rows written online that are still there, oldest first."""
-        kept = min(self.added, self.capacity)
-        return (self.start + self.added - kept + torch.arange(kept)) % self.capacity
-
-    def state_dict(self) -> dict:
-        rows = self.online_rows()
-        return dict(added=self.added, rows={k: v[rows.to(v.device)].cpu() for k, v in self.data.items()})
-
-    def load_state_dict(self, state: dict):
-        self.added = state["added"]
-        rows = self.online_rows()
-        for k, v in state["rows"].items():
-            self.data[k][rows.to(self.data[k].device)] = v.to(self.data[k].device)
-        self.pointer = (self.start + self.added) % self.capacity
-        self.count = min(self.count + self.added, self.capacity)
-        self.size.fill_(self.count)
+def sample_pixels(data: dict, batch_size: int, frame_stack: int, p_aug: float) -> dict:
+    """Uniform transitions of a compact pixel dataset: s stacks the frame_stack latest frames (oldest
+    first along the channels, the episode's first frame repeated before it starts) and s' the same one
+    row later. With probability p_aug the batch is randomly shifted, as the official code does."""
+    idx = data["valid_rows"][torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device)]
+    start = data["episode_start"][idx]
+    batch = {k: data[k][idx] for k in ("actions", "rewards", "masks")}
+    for key, last in (("observations", idx), ("next_observations", idx + 1)):
+        frames = [data["observations"][torch.maximum(last - k, start)] for k in reversed(range(frame_stack))]
+        batch[key] = torch.cat(frames, dim=-1)
+    if p_aug:
+        batch["observations"], batch["next_observations"] = random_shift(
+            batch["observations"], batch["next_observations"], p_aug)
+    return batch
 
 
-def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int) -> dict:
-    """Half of the batch from the offline dataset, half from the online transitions."""
-    first, second = sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
-    return {k: torch.cat([first[k], second[k]]) for k in first}
+def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_aug: float, pad: int = 3):
+    """With probability p_aug, shift each image by up to `pad` pixels (edge padding then a crop back to the
+    image size), s and s' of a sample by the same offset and each sample by its own, as the official code.
+    Both branches are computed and one is kept, so a recorded CUDA graph stays valid."""
+    batch, height, width = observations.shape[:3]
+    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=observations.device) - pad
+    rows = (torch.arange(height, device=observations.device) + offsets[:, :1]).clamp(0, height - 1)
+    cols = (torch.arange(width, device=observations.device) + offsets[:, 1:]).clamp(0, width - 1)
+    apply = torch.rand((), device=observations.device) < p_aug
+    samples = torch.arange(batch, device=observations.device)[:, None, None]
+    return [torch.where(apply, images[samples, rows[:, :, None], cols[:, None, :]], images)
+            for images in (observations, next_observations)]
+
+
+def make_sampler(data: dict, cfg: Config, augment: bool = True):
+    """`sample(batch_size) -> batch` for the dataset's layout."""
+    if "valid_rows" in data:
+        return functools.partial(sample_pixels, data, frame_stack=cfg.frame_stack, p_aug=cfg.p_aug if augment else 0)
+    return functools.partial(sample_batch, data)
 
 
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
+class ResnetStack(nn.Module):
+    """IMPALA stack: 3x3 conv, 3x3 max-pool with stride 2, then residual blocks of (ReLU, conv) x 2."""
+
+    def __init__(self, in_channels: int, channels: int, blocks: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                                  nn.Conv2d(channels, channels, 3, padding=1)) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        # flax's 'SAME' max-pool: the one extra padding row/column goes after (bottom/right)
+        x = F.max_pool2d(F.pad(x, (x.shape[-1] % 2, 1, x.shape[-2] % 2, 1), value=-math.inf), 3, stride=2)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class ImpalaEncoder(nn.Module):
+    """The official code's IMPALA encoder: uint8 images (..., H, W, C) scaled to [0, 1], ResNet stacks,
+    ReLU, flatten, then Linear -> GELU to 512 features. Xavier-uniform weights, zero biases."""
+
+    SIZES = {"impala_small": ((16, 32, 32), 1), "impala_debug": ((4, 4), 1)}  # stack widths, blocks each
+
+    def __init__(self, image_shape: tuple[int, ...], kind: str, features: int = 512):
+        super().__init__()
+        widths, blocks = self.SIZES[kind]
+        height, width, channels = image_shape
+        stacks = []
+        for stack_width in widths:
+            stacks.append(ResnetStack(channels, stack_width, blocks))
+            channels, height, width = stack_width, (height + 1) // 2, (width + 1) // 2
+        self.stacks = nn.Sequential(*stacks)
+        self.head = nn.Linear(channels * height * width, features)
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (..., H, W, C) -> (..., features)
+        x = images.reshape(-1, *images.shape[-3:]).float().div(255).movedim(-1, 1)
+        x = F.relu(self.stacks(x)).flatten(1)
+        return F.gelu(self.head(x), approximate="tanh").reshape(*images.shape[:-3], -1)
+
+
+def make_encoder(observation_shape: tuple[int, ...], cfg: Config) -> tuple[nn.Module, int]:
+    """(encoder, feature size): an IMPALA encoder for images, the identity for state vectors."""
+    if cfg.encoder is None:
+        return nn.Identity(), observation_shape[0]
+    return ImpalaEncoder(observation_shape, cfg.encoder), 512
+
+
 class MLP(nn.Module):
     """Hidden layers Linear -> GELU(tanh), then a plain Linear output; Xavier-uniform weights everywhere,
-    zero biases (flax's MLP in the official code, without LayerNorm for the actors)."""
+    zero biases (flax's MLP in the official code, without LayerNorm for the actors). The observation,
+    the first input, goes through `encoder` first, unless it comes `encoded` already."""
 
-    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int):
+    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, encoder: nn.Module = None):
         super().__init__()
+        self.encoder = encoder if encoder is not None else nn.Identity()
         layers, dim = [], in_dim
         for width in hidden_dims:
             layers += [nn.Linear(dim, width), nn.GELU(approximate="tanh")]
@@ -340,8 +404,8 @@ class MLP(nn.Module):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat(inputs, dim=-1))
+    def forward(self, obs: torch.Tensor, *inputs: torch.Tensor, encoded: bool = False) -> torch.Tensor:
+        return self.net(torch.cat([obs if encoded else self.encoder(obs), *inputs], dim=-1))
 
 
 class EnsembleLinear(nn.Module):
@@ -372,11 +436,14 @@ class EnsembleLayerNorm(nn.Module):
 
 class Critic(nn.Module):
     """Two Q(s, a) members with independent weights, evaluated together: one batched matmul per layer
-    instead of two networks one after the other. Hidden layers Linear -> GELU(tanh) -> LayerNorm."""
+    instead of two networks one after the other. Hidden layers Linear -> GELU(tanh) -> LayerNorm.
+    With an encoder, both members read the same encoded observation, as in the official code."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: tuple[int, ...], members: int = 2):
+    def __init__(self, feature_dim: int, action_dim: int, hidden_dims: tuple[int, ...], members: int = 2,
+                 encoder: nn.Module = None):
         super().__init__()
-        layers, dim = [], obs_dim + action_dim
+        self.encoder = encoder if encoder is not None else nn.Identity()
+        layers, dim = [], feature_dim + action_dim
         for width in hidden_dims:
             layers += [EnsembleLinear(members, dim, width), nn.GELU(approximate="tanh"),
                        EnsembleLayerNorm(members, width)]
@@ -385,19 +452,24 @@ class Critic(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)  # (members, batch)
+        return self.net(torch.cat([self.encoder(obs), actions], dim=-1)).squeeze(-1)  # (members, batch)
 
 
 class FQLNetworks(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int, cfg: Config):
+    """The critic and its target, the BC flow and the one-step policy; each with its own encoder for pixels."""
+
+    def __init__(self, observation_shape: tuple[int, ...], action_dim: int, cfg: Config):
         super().__init__()
-        self.critic = Critic(obs_dim, action_dim, cfg.value_hidden_dims)
-        self.target_critic = Critic(obs_dim, action_dim, cfg.value_hidden_dims).requires_grad_(False)
-        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.observation_shape = tuple(observation_shape)
+        encoder, dim = make_encoder(observation_shape, cfg)
+        self.critic = Critic(dim, action_dim, cfg.value_hidden_dims, encoder=encoder)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         # v(s, x_t, t): t enters as a raw scalar column, as in the official code
-        self.actor_bc_flow = MLP(obs_dim + action_dim + 1, cfg.actor_hidden_dims, action_dim)
+        self.actor_bc_flow = MLP(dim + action_dim + 1, cfg.actor_hidden_dims, action_dim,
+                                 encoder=make_encoder(observation_shape, cfg)[0])
         # mu(s, z): one network call maps noise to an action
-        self.actor_onestep = MLP(obs_dim + action_dim, cfg.actor_hidden_dims, action_dim)
+        self.actor_onestep = MLP(dim + action_dim, cfg.actor_hidden_dims, action_dim,
+                                 encoder=make_encoder(observation_shape, cfg)[0])
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -412,10 +484,10 @@ def with_frozen_params(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor
 
 def flow_actions(actor_bc_flow: nn.Module, obs: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """Euler-integrate the BC flow from x_0 = noise over t = 0, 1/steps, ..., then clip to [-1, 1]."""
-    x = noise
+    features, x = actor_bc_flow.encoder(obs), noise  # the observation is encoded once, as the official code
     for i in range(steps):
         t = torch.full_like(x[..., :1], i / steps)
-        x = x + actor_bc_flow(obs, x, t) / steps
+        x = x + actor_bc_flow(features, x, t, encoded=True) / steps
     return x.clamp(-1, 1)
 
 
@@ -485,7 +557,7 @@ def fql_losses(nets: FQLNetworks, batch: dict, noise: dict, cfg: Config, with_me
 class FQLAgent:
     def __init__(self, nets: FQLNetworks, cfg: Config):
         self.nets, self.cfg = nets, cfg
-        self.action_dim = nets.actor_onestep.net[-1].out_features
+        self.observation_shape, self.action_dim = nets.observation_shape, nets.actor_onestep.net[-1].out_features
         on_cuda = torch.device(cfg.device).type == "cuda"
         # fused: one kernel for all parameters; capturable: Adam's step counters live on the GPU,
         # so the whole update can be recorded in a CUDA graph
@@ -517,7 +589,8 @@ class FQLAgent:
 
     def sample_actions_eager(self, obs: torch.Tensor) -> torch.Tensor:
         """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]."""
-        z = torch.randn((*obs.shape[:-1], self.action_dim), device=obs.device)
+        batch_shape = obs.shape[: obs.dim() - len(self.observation_shape)]
+        z = torch.randn((*batch_shape, self.action_dim), device=obs.device)
         return self.nets.actor_onestep(obs, z).clamp(-1, 1)
 
     @torch.no_grad()
@@ -575,11 +648,11 @@ RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", 
                      "benchmark"}
 
 
-def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, buffer: ReplayBuffer | None = None):
-    """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact."""
-    obs_dim = agent.nets.actor_onestep.net[0].in_features - agent.action_dim
-    state = dict(agent.state_dict(), step=step, config=dataclasses.asdict(cfg), obs_dim=obs_dim,
-                 action_dim=agent.action_dim, buffer=buffer.state_dict() if buffer else None, rng=dict(
+def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, buffer=None):
+    """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact.
+    `buffer`: the fine-tuning replay buffer (eval.ReplayBuffer), whose online transitions travel along."""
+    state = dict(agent.state_dict(), step=step, config=dataclasses.asdict(cfg), action_dim=agent.action_dim,
+                 observation_shape=agent.observation_shape, buffer=buffer.state_dict() if buffer else None, rng=dict(
                      torch=torch.get_rng_state(), numpy=np.random.get_state(),
                      cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     tmp = path + ".tmp"
@@ -587,7 +660,7 @@ def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, buffer: 
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, buffer: ReplayBuffer | None = None) -> int:
+def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, buffer=None) -> int:
     """Restore a killed run: networks, optimiser, RNG states and the fine-tuning buffer; returns its step."""
     if not os.path.exists(path):
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume, or pass the run's --run_dir")
@@ -652,16 +725,17 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
         env, train_set, val_set = load_ogbench(cfg.env, cfg.dataset_dir)
     train_data = to_device(train_set, cfg.device)
     val_data = to_device(val_set, cfg.device) if val_set else None
-    obs_dim, action_dim = train_data["observations"].shape[1], train_data["actions"].shape[1]
-    agent = FQLAgent(FQLNetworks(obs_dim, action_dim, cfg).to(cfg.device), cfg)
-    offline_step = make_train_step(agent, functools.partial(sample_batch, train_data))
+    observation_shape = make_sampler(train_data, cfg, augment=False)(1)["observations"].shape[1:]
+    action_dim = train_data["actions"].shape[1]
+    agent = FQLAgent(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device), cfg)
+    offline_step = make_train_step(agent, make_sampler(train_data, cfg))
     buffer = online_step = None
     if cfg.online_steps:  # the official layout: the offline data, then online transitions appended
         if cfg.balanced_sampling:
-            buffer = ReplayBuffer({k: v[:0] for k, v in train_data.items()}, cfg.buffer_size)
-            online_step = make_train_step(agent, functools.partial(sample_balanced, train_data, buffer))
+            buffer = eval.ReplayBuffer({k: v[:0] for k, v in train_data.items()}, cfg.buffer_size)
+            online_step = make_train_step(agent, functools.partial(eval.sample_balanced, train_data, buffer))
         else:
-            buffer = ReplayBuffer(train_data, cfg.buffer_size)
+            buffer = eval.ReplayBuffer(train_data, cfg.buffer_size)
             online_step = make_train_step(agent, buffer.sample)
 
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -683,11 +757,14 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
         except ImportError:
             raise UsageError("--wandb_project needs wandb: pip install wandb") from None
         wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg))
-    eval_envs = eval.make_vector_env(cfg.env, min(cfg.eval_episodes, os.cpu_count())) if cfg.eval_interval else None
+    eval_envs = None
+    if cfg.eval_interval:
+        eval_envs = eval.make_vector_env(cfg.env, min(cfg.eval_episodes, os.cpu_count()), cfg.frame_stack)
     collector = None
 
     total_steps = cfg.offline_steps + cfg.online_steps
-    print(f"FQL on {cfg.env}: {len(train_data['actions'])} transitions, obs {obs_dim}, action {action_dim}, "
+    print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {tuple(observation_shape)}, "
+          f"action {action_dim}, "
           f"alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run dir {cfg.run_dir}")
     progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, unit="update",
                     smoothing=0.05)
@@ -708,7 +785,7 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
             row = {"step": step, **{k: v.item() for k, v in metrics.items()}}
             if val_data is not None:
                 with torch.no_grad():
-                    val_batch = sample_batch(val_data, cfg.batch_size)
+                    val_batch = make_sampler(val_data, cfg, augment=False)(cfg.batch_size)
                     val_noise = draw_noise(cfg.batch_size, action_dim, cfg.device)
                     _, val_metrics = fql_losses(agent.nets, val_batch, val_noise, cfg, with_metrics=True)
                 row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
@@ -740,51 +817,14 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
     return agent
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark: the training step in each execution mode, on random data
-# ----------------------------------------------------------------------------------------------
-def benchmark(cfg: Config, repeats: int = 3):
-    cfg = resolve_config(cfg)
-    env = ogbench.make_env_and_datasets(cfg.env, env_only=True)
-    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    n = 100_000
-    data = dict(observations=torch.randn(n, obs_dim), next_observations=torch.randn(n, obs_dim),
-                actions=torch.rand(n, action_dim) * 2 - 1, rewards=-torch.randint(0, 2, (n,)).float(),
-                masks=torch.ones(n))
-    data = {k: v.to(cfg.device) for k, v in data.items()}
-    on_cuda = torch.device(cfg.device).type == "cuda"
-    if on_cuda:
-        torch.set_float32_matmul_precision("high")  # as in training
-    device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
-    updates = 1000 if on_cuda else 20
-    modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
-    if on_cuda:
-        modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
-    print(f"FQL training step, obs {obs_dim}, action {action_dim}, batch {cfg.batch_size}, "
-          f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}; {device_name}, torch {torch.__version__}")
-    for name, flags in modes.items():
-        mode_cfg = dataclasses.replace(cfg, **flags)
-        torch.manual_seed(cfg.seed)
-        agent = FQLAgent(FQLNetworks(obs_dim, action_dim, mode_cfg).to(cfg.device), mode_cfg)
-        step = make_train_step(agent, functools.partial(sample_batch, data))
-        rates, start = [], time.perf_counter()
-        for _ in range(3):  # warm-up: compilation and graph recording happen here
-            step(False)
-        step(True)["critic/critic_loss"].item()  # waits for the device
-        warmup = time.perf_counter() - start
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(updates - 1):
-                step(False)
-            step(True)["critic/critic_loss"].item()
-            rates.append(updates / (time.perf_counter() - start))
-        print(f"{name:<22} {np.median(rates):9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
-
-
 def main(argv: list[str] | None = None):
     cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.split("\n")[0])
     try:
-        return benchmark(cfg) if cfg.benchmark else train(cfg)
+        if cfg.benchmark:
+            import eval  # the benchmark lives with the other tools around training
+
+            return eval.benchmark(cfg)
+        return train(cfg)
     except UsageError as err:
         sys.exit(f"fql.py: error: {err}")
 
