@@ -450,7 +450,7 @@ def benchmark(cfg: fql.Config, repeats: int = 3):
         dataset = dict(observations=rng.integers(0, 256, (n, *shape), dtype=np.uint8), valids=np.arange(n) < n - 1)
     dataset.update(actions=rng.uniform(-1, 1, (n, action_dim)), rewards=-rng.integers(0, 2, n), masks=np.ones(n))
     data = fql.to_device(dataset, cfg.device)
-    observation_shape = fql.make_sampler(data, cfg, augment=False)(1)["observations"].shape[1:]
+    observation_shape = fql.stacked_shape(data, cfg)
     on_cuda = torch.device(cfg.device).type == "cuda"
     if on_cuda:
         torch.set_float32_matmul_precision("high")  # as in training
@@ -459,7 +459,7 @@ def benchmark(cfg: fql.Config, repeats: int = 3):
     modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
     if on_cuda:
         modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
-    print(f"FQL training step, observation {tuple(observation_shape)}, action {action_dim}, batch {cfg.batch_size}, "
+    print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch {cfg.batch_size}, "
           f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
           f"torch {torch.__version__}")
     for name, flags in modes.items():

@@ -323,6 +323,12 @@ def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_
             for images in (observations, next_observations)]
 
 
+def stacked_shape(data: dict, cfg: Config) -> tuple[int, ...]:
+    """The shape of one observation as the networks see it: pixel frames stacked along the channels."""
+    shape = tuple(data["observations"].shape[1:])
+    return (*shape[:-1], shape[-1] * cfg.frame_stack) if "valid_rows" in data else shape
+
+
 def make_sampler(data: dict, cfg: Config, augment: bool = True):
     """`sample(batch_size) -> batch` for the dataset's layout."""
     if "valid_rows" in data:
@@ -725,8 +731,7 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
         env, train_set, val_set = load_ogbench(cfg.env, cfg.dataset_dir)
     train_data = to_device(train_set, cfg.device)
     val_data = to_device(val_set, cfg.device) if val_set else None
-    observation_shape = make_sampler(train_data, cfg, augment=False)(1)["observations"].shape[1:]
-    action_dim = train_data["actions"].shape[1]
+    observation_shape, action_dim = stacked_shape(train_data, cfg), train_data["actions"].shape[1]
     agent = FQLAgent(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device), cfg)
     offline_step = make_train_step(agent, make_sampler(train_data, cfg))
     buffer = online_step = None
@@ -763,9 +768,8 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
     collector = None
 
     total_steps = cfg.offline_steps + cfg.online_steps
-    print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {tuple(observation_shape)}, "
-          f"action {action_dim}, "
-          f"alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run dir {cfg.run_dir}")
+    print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {observation_shape}, action "
+          f"{action_dim}, alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run dir {cfg.run_dir}")
     progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, unit="update",
                     smoothing=0.05)
     last_time, last_step = time.time(), start
