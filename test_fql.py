@@ -1066,6 +1066,13 @@ def test_env_names_and_per_env_defaults():
     assert resolved("--env", "puzzle-4x4-play-singletask-task1-v0", "--alpha", "5", "--q_agg", "min") == (
         "puzzle-4x4-play-singletask-task1-v0", 5, "min", 0.99)
     assert parse("--env", "ogbench-antsoccer-arena").env == "antsoccer-arena-navigate-singletask-task4-v0"
+    cfg = parse("--env", "ogbench-visual-cube-single-task1", "--encoder", "impala_small", "--frame_stack", "3",
+                "--p_aug", "0.5")
+    assert (cfg.env, cfg.alpha, cfg.offline_steps) == ("visual-cube-single-play-singletask-task1-v0", 300, 500_000)
+    cfg = parse("--env", "visual-scene-play-singletask-task2-v0")
+    assert (cfg.alpha, cfg.encoder, cfg.frame_stack, cfg.p_aug) == (100, "impala_small", 3, 0.5)
+    with pytest.raises(fql.UsageError, match="pixel observations"):
+        parse("--env", "visual-cube-double-play-singletask-task1-v0", "--frame_stack", "0")
     assert parse("--env", "pointmaze-medium-navigate-singletask-v0").alpha == 10  # official default
     for alias in fql.ENVS:  # every alias names a real OGBench environment
         assert parse("--env", f"ogbench-{alias}").env.startswith(fql.ENVS[alias][0])
