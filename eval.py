@@ -402,6 +402,8 @@ def plot_runs(run_dirs: list, output: str):
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
     varying = {k for key in groups for k, v in json.loads(key).items()
                if any(json.loads(other).get(k) != v for other in groups)}
+    if not run_dirs:
+        raise fql.UsageError("give one or more run folders to plot")
     metrics = [(file, key) for file, keys in PLOTTED.items() for key in keys]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
     for color, (key, runs) in enumerate(groups.items()):
@@ -539,6 +541,8 @@ class PlotArgs:
 
 
 def run_evaluation(args: EvalArgs) -> dict:
+    if args.episodes <= 0 or args.video_episodes < 0 or args.frame_skip <= 0:
+        raise fql.UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
     path = checkpoint_path(args.checkpoint)
     agent, state = load_agent(path, args.device)
     env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env

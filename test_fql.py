@@ -745,6 +745,8 @@ def test_plot_writes_a_png(tmp_path):
     assert output.stat().st_size > 10_000 and image.shape[1] > 1000 and image.std() > 0.01
     with pytest.raises(SystemExit, match="not an fql.py run folder"):
         fql_eval.main(["plot", str(tmp_path), "--output", str(output)])
+    with pytest.raises(SystemExit, match="one or more run folders"):
+        fql_eval.main(["plot", "--output", str(output)])
 
 
 def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
@@ -757,6 +759,8 @@ def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
         assert fql.json.load(f)["episodes"] == 2
     with pytest.raises(SystemExit, match="no checkpoint at"):
         fql_eval.main(["--checkpoint", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="--episodes and --frame_skip must be positive"):
+        fql_eval.main(["--checkpoint", str(tmp_path), "--episodes", "0"])
     with pytest.raises(SystemExit, match="was trained on cube-single-play-singletask-task2-v0"):
         fql_eval.main(["--checkpoint", str(tmp_path), "--env", "ogbench-antmaze-large", "--device", "cpu"])
 
