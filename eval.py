@@ -277,7 +277,7 @@ def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, direc
 
 
 # ----------------------------------------------------------------------------------------------
-# Online fine-tuning: the environment side (fql.train runs the updates)
+# Online fine-tuning: the replay buffer and the environment side (fql.train runs the updates)
 # ----------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with balanced
