@@ -1106,6 +1106,12 @@ def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
     assert message in str(exit_info.value.code)
 
 
+def test_wandb_without_wandb_installed_is_a_clear_error(cube_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: import raises ImportError
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        run_cli(cube_data, tmp_path, "--offline_steps", "10", "--wandb_project", "fql")
+
+
 def test_missing_dataset_offline_names_the_files(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
