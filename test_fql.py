@@ -200,7 +200,7 @@ def test_gradients_flow_only_where_they_must(normalize_q_loss):
     assert all(not p.requires_grad for p in nets.target_critic.parameters())
 
 
-def test_q_term_alone_moves_one_step_policy_but_not_critic():
+def test_q_term_alone_moves_the_one_step_policy():
     cfg, nets, batch, noise = float64_setup(alpha=0.0)
     # With alpha = 0, the one-step policy's only loss is the Q term
     total, _ = fql.fql_losses(nets, batch, noise, cfg)
@@ -209,7 +209,6 @@ def test_q_term_alone_moves_one_step_policy_but_not_critic():
     q_only = manual_losses(nets, batch, noise, cfg)["q_loss"]
     for got, want in zip(onestep_grad, grads(q_only, nets.actor_onestep), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-    assert all(float(g.abs().sum()) == 0 for g in grads(q_only, nets.critic))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,7 +705,8 @@ def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_pat
     # the first online episode ended at step 250; after the resume a new one started (the interrupted one is lost)
     assert float(rows[4]["exploration/length"]) == 200 and rows[4]["exploration/success"] in ("0.0", "1.0")
     assert all(math.isfinite(float(r["critic/critic_loss"])) for r in rows)
-    assert agent is not None
+    for name, p in agent.nets.state_dict().items():  # the last checkpoint holds the finished agent
+        assert torch.equal(state["nets"][name], p)
 
 
 def test_finetune_command_starts_from_a_checkpoint(cube_data, tmp_path):
