@@ -11,8 +11,12 @@ FQL trains three networks from one summed loss:
 Examples:
   python fql.py --env ogbench-cube-single                  # alpha 300, task2, 1M steps
   python fql.py --env ogbench-puzzle-3x3-task1 --alpha 1000
-  python fql.py --env cube-double-play-singletask-task2-v0 --no_compile
+  python fql.py --env d4rl-antmaze-large-play              # D4RL from its hdf5 files, 500K steps
+  python fql.py --env ogbench-visual-cube-single           # pixels: IMPALA encoders, 3 frames, shifts
+  python fql.py --env ogbench-cube-double --online_steps 1000000   # then offline-to-online fine-tuning
   python fql.py --env ogbench-cube-single --resume          # continue a killed run
+  python fql.py --benchmark                                # updates/s of the training step
+Evaluation, videos, plots and fine-tuning of saved runs: eval.py.
 """
 import copy
 import csv
