@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import socket
@@ -341,6 +342,75 @@ def make_sampler(data: dict, cfg: Config, augment: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------
+# Layers: Linear (through oneDNN on x86 CPUs) and GELU
+# ----------------------------------------------------------------------------------------------
+# PyTorch's CPU build multiplies float32 matrices with MKL, which picks slower code on non-Intel
+# processors: on an AMD EPYC it reaches about 200 GFLOP/s where oneDNN, also inside PyTorch, reaches 450,
+# and the matmuls are most of an FQL update. So on x86 CPUs the Linear layers call oneDNN through a
+# custom op (torch.compile treats it as one opaque kernel); elsewhere, GPUs included, they call F.linear.
+USE_ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # a private op: fall back if it goes away
+
+
+@torch.library.custom_op("fql::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for a 2-D float32 x and weight (out, in), as F.linear, computed by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake  # the output's shape, for torch.compile's tracing
+def _onednn_linear_shape(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _onednn_linear_save(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _onednn_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad  # frozen weights and data inputs need none
+    grad_x = onednn_linear(grad, weight.t(), None) if needs_x else None  # grad @ weight
+    # grad.T @ x; oneDNN runs this a quarter faster with the left operand copied to a dense layout
+    grad_weight = onednn_linear(grad.t().contiguous(), x.t(), None) if needs_weight else None
+    return grad_x, grad_weight, grad.sum(0) if needs_bias else None
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_save)
+
+
+def on_onednn(x: torch.Tensor) -> bool:
+    return USE_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, through oneDNN for float32 on x86 CPUs (see above)."""
+    if not on_onednn(x):
+        return F.linear(x, weight, bias)
+    return onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) that calls `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """flax's nn.gelu (tanh approximation), 0.5 x (1 + tanh(y)) with y = sqrt(2/pi) (x + 0.044715 x^3),
+    written as x * sigmoid(2y): the same function to float32 rounding, but exp is cheaper than tanh
+    in the CPU kernels torch.compile generates (a compiled CPU update is about 13% faster)."""
+    return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
+
+
+class GELUTanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(x)
+
+
+# ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
 class ResnetStack(nn.Module):
@@ -376,7 +446,7 @@ class ImpalaEncoder(nn.Module):
             stacks.append(ResnetStack(channels, stack_width, blocks))
             channels, height, width = stack_width, (height + 1) // 2, (width + 1) // 2
         self.stacks = nn.Sequential(*stacks)
-        self.head = nn.Linear(channels * height * width, features)
+        self.head = Linear(channels * height * width, features)
         for layer in self.modules():
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(layer.weight)
@@ -385,7 +455,7 @@ class ImpalaEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (..., H, W, C) -> (..., features)
         x = images.reshape(-1, *images.shape[-3:]).float().div(255).movedim(-1, 1)
         x = F.relu(self.stacks(x)).flatten(1)
-        return F.gelu(self.head(x), approximate="tanh").reshape(*images.shape[:-3], -1)
+        return gelu_tanh(self.head(x)).reshape(*images.shape[:-3], -1)
 
 
 def make_encoder(observation_shape: tuple[int, ...], cfg: Config) -> tuple[nn.Module, int]:
@@ -405,9 +475,9 @@ class MLP(nn.Module):
         self.encoder = encoder if encoder is not None else nn.Identity()
         layers, dim = [], in_dim
         for width in hidden_dims:
-            layers += [nn.Linear(dim, width), nn.GELU(approximate="tanh")]
+            layers += [Linear(dim, width), GELUTanh()]
             dim = width
-        layers.append(nn.Linear(dim, out_dim))
+        layers.append(Linear(dim, out_dim))
         self.net = nn.Sequential(*layers)
         for layer in self.net:
             if isinstance(layer, nn.Linear):
@@ -429,7 +499,12 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, in) or (members, batch, in)
-        return x @ self.weight + self.bias  # -> (members, batch, out)
+        if not on_onednn(x):
+            return x @ self.weight + self.bias  # -> (members, batch, out)
+        # oneDNN's linear takes one 2-D weight: one call per member
+        inputs = x.unbind(0) if x.dim() == 3 else [x] * len(self.weight)
+        return torch.stack([onednn_linear(member_x, weight.t(), bias[0])
+                            for member_x, weight, bias in zip(inputs, self.weight, self.bias)])
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -455,7 +530,7 @@ class Critic(nn.Module):
         self.encoder = encoder if encoder is not None else nn.Identity()
         layers, dim = [], feature_dim + action_dim
         for width in hidden_dims:
-            layers += [EnsembleLinear(members, dim, width), nn.GELU(approximate="tanh"),
+            layers += [EnsembleLinear(members, dim, width), GELUTanh(),
                        EnsembleLayerNorm(members, width)]
             dim = width
         layers.append(EnsembleLinear(members, dim, 1))

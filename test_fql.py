@@ -16,6 +16,7 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import eval as fql_eval
@@ -231,7 +232,7 @@ def test_initialisation_matches_official():
             assert torch.all(scale == 1) and torch.all(shift == 0)
     assert not any(isinstance(m, (nn.LayerNorm, fql.EnsembleLayerNorm)) for m in nets.actor_bc_flow.modules())
     assert sum(isinstance(m, fql.EnsembleLayerNorm) for m in nets.critic.modules()) == 2
-    assert all(m.approximate == "tanh" for m in nets.modules() if isinstance(m, nn.GELU))
+    assert sum(isinstance(m, fql.GELUTanh) for m in nets.actor_bc_flow.modules()) == 2  # hidden layers only
     for m in nets.critic.net:  # the two members are drawn independently
         if isinstance(m, fql.EnsembleLinear):
             assert not torch.equal(m.weight[0], m.weight[1])
@@ -494,6 +495,51 @@ def test_compiled_and_eager_updates_agree():
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
     for p, q in zip(eager.nets.parameters(), compiled.nets.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_tanh_is_the_tanh_approximation():
+    x = torch.linspace(-12, 12, 100_001, requires_grad=True)
+    got, want = fql.gelu_tanh(x), F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(*(torch.autograd.grad(y.sum(), x)[0] for y in (got, want)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not fql.USE_ONEDNN, reason="oneDNN linear layers are used on x86 CPUs only")
+def test_onednn_linear_matches_f_linear_with_and_without_weight_gradients():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 37, 20), torch.randn(13, 20), torch.randn(13)
+    for linear in (fql.linear, torch.compile(fql.linear)):
+        for weight_trained in (True, False):
+            leaves = [t.clone().requires_grad_(t is not weight or weight_trained) for t in (x, weight, bias)]
+            references = [t.clone().requires_grad_(t is not weight or weight_trained) for t in (x, weight, bias)]
+            got, want = linear(*leaves), F.linear(*references)
+            assert got.shape == (2, 37, 13)
+            torch.testing.assert_close(got, want)
+            (got * want.detach()).sum().backward()
+            (want * want.detach()).sum().backward()
+            for leaf, reference in zip(leaves, references):
+                if reference.requires_grad:
+                    torch.testing.assert_close(leaf.grad, reference.grad, rtol=1e-5, atol=1e-4)
+                else:
+                    assert leaf.grad is None
+
+
+@pytest.mark.skipif(not fql.USE_ONEDNN, reason="oneDNN linear layers are used on x86 CPUs only")
+def test_onednn_and_plain_matmul_updates_agree(monkeypatch):
+    torch.manual_seed(0)
+    onednn = make_agent(7, 3, make_config())
+    plain = make_agent(7, 3, make_config())
+    plain.nets.load_state_dict(onednn.nets.state_dict())
+    for step in range(3):
+        batch, noise = random_batch(64, 7, 3), fixed_noise(64, 3)
+        monkeypatch.setattr(fql, "USE_ONEDNN", True)
+        got = onednn.update(batch, noise, with_metrics=True)
+        monkeypatch.setattr(fql, "USE_ONEDNN", False)  # F.linear and one batched matmul for the critic
+        want = plain.update(batch, noise, with_metrics=True)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
+    for p, q in zip(onednn.nets.parameters(), plain.nets.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_benchmark_prints_updates_per_second_for_each_mode(capsys):
