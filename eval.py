@@ -9,188 +9,23 @@ Success follows OGBench: `info['success']` at the last step of an episode, avera
 """
 import csv
 import dataclasses
-import functools
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 
-import fql  # first: it points MuJoCo at headless rendering before anything loads MuJoCo
+import envs  # first: it points MuJoCo at headless rendering before anything loads MuJoCo
+import fql
 
 import gymnasium
 import numpy as np
-import ogbench
 import torch
 import tyro
-from ogbench.locomaze.maze import make_maze_env
 from tqdm import tqdm
 
 Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-1, 1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Environments
-# ----------------------------------------------------------------------------------------------
-def make_env(env_name: str, frame_stack: int | None = None, **kwargs) -> gymnasium.Env:
-    """The OGBench single-task or D4RL environment (no dataset needed); pixel observations stack the
-    `frame_stack` latest frames as the training data does."""
-    if frame_stack:
-        return FrameStack(make_env(env_name, **kwargs), frame_stack)
-    if env_name.startswith("antmaze") and env_name in fql.D4RL:
-        maze, goal_cell, episode_length = D4RL_MAZES[env_name.split("-")[1]]
-        return gymnasium.wrappers.TimeLimit(d4rl_antmaze_class()(maze, goal_cell, **kwargs), episode_length)
-    if env_name in fql.D4RL:
-        return make_adroit_env(env_name.split("-")[0], **kwargs)
-    return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
-
-
-def make_vector_env(env_name: str, num_envs: int, frame_stack: int | None = None) -> gymnasium.vector.VectorEnv:
-    """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
-    hold CUDA and OpenMP threads, which fork would copy in a broken state."""
-    return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name, frame_stack)] * num_envs,
-                                           context="forkserver")
-
-
-class FrameStack(gymnasium.ObservationWrapper):
-    """Observations of the `frames` latest frames along the channels, oldest first; after a reset the
-    first frame stands in for the ones before it (as the official code and the datasets' stacking)."""
-
-    def __init__(self, env: gymnasium.Env, frames: int):
-        super().__init__(env)
-        self.frames, self.stack = frames, []
-        shape = env.observation_space.shape
-        self.observation_space = gymnasium.spaces.Box(0, 255, (*shape[:-1], shape[-1] * frames), np.uint8)
-
-    def reset(self, **kwargs):
-        observation, info = self.env.reset(**kwargs)
-        self.stack = [observation] * self.frames
-        return np.concatenate(self.stack, axis=-1), info
-
-    def observation(self, observation):
-        self.stack = self.stack[1:] + [observation]
-        return np.concatenate(self.stack, axis=-1)
-
-
-# D4RL's AntMaze evaluation mazes (its *_TEST maps): 1 wall, 0 free; the ant starts in cell (1, 1)
-U_MAZE = [[1, 1, 1, 1, 1],
-          [1, 0, 0, 0, 1],
-          [1, 1, 1, 0, 1],
-          [1, 0, 0, 0, 1],
-          [1, 1, 1, 1, 1]]
-BIG_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1],
-            [1, 0, 0, 1, 1, 0, 0, 1],
-            [1, 0, 0, 1, 0, 0, 0, 1],
-            [1, 1, 0, 0, 0, 1, 1, 1],
-            [1, 0, 0, 1, 0, 0, 0, 1],
-            [1, 0, 1, 0, 0, 1, 0, 1],
-            [1, 0, 0, 0, 1, 0, 0, 1],
-            [1, 1, 1, 1, 1, 1, 1, 1]]
-HARDEST_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-                [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
-                [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
-                [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
-                [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
-                [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
-                [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
-                [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
-                [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
-D4RL_MAZES = {"umaze": (U_MAZE, (3, 1), 700), "medium": (BIG_MAZE, (6, 6), 1000),  # map, goal cell, steps
-              "large": (HARDEST_MAZE, (7, 9), 1000)}
-
-
-@functools.cache
-def d4rl_antmaze_class() -> type:
-    """D4RL's AntMaze (v2 evaluation) on OGBench's ant, which has D4RL's ant model and coordinates. The ant
-    starts at cell (1, 1) = (0, 0) with the ant's reset noise; each episode draws the goal as D4RL does
-    (goal cell + U(0, 1) + U(0, 0.5) per axis, floored at 0); reward 1 and the end of the episode within
-    0.5 of the goal, else reward 0. (OGBench defines its maze class inside a factory, hence this function.)"""
-    ogbench_antmaze = type(make_maze_env("ant", "maze", maze_type="arena"))
-
-    class D4RLAntMaze(ogbench_antmaze):
-        def __init__(self, maze_map: list, goal_cell: tuple, **kwargs):
-            self.d4rl_map, self.goal_cell = maze_map, goal_cell
-            super().__init__(maze_type="arena", terminate_at_goal=True, success_timing="post", **kwargs)
-
-        def update_tree(self, tree):  # OGBench builds the walls from self.maze_map here
-            self.maze_map = np.array(self.d4rl_map)
-            super().update_tree(tree)
-
-        def reset(self, *, seed=None, options=None):
-            _, info = super(ogbench_antmaze, self).reset(seed=seed)  # the ant's own reset, no OGBench task
-            goal = np.array(self.ij_to_xy(self.goal_cell)) + self.np_random.uniform(0, 1, 2)
-            self.set_goal(goal_xy=np.maximum(goal + self.np_random.uniform(0, 0.5, 2), 0))
-            return self.get_ob(), info
-
-    return D4RLAntMaze
-
-
-def make_adroit_env(task: str, **kwargs) -> gymnasium.Env:
-    """gymnasium-robotics' Adroit hand with D4RL's rewards and episode lengths (pen: 100 steps, and the
-    episode ends when the pen drops, as in D4RL)."""
-    import gymnasium_robotics
-
-    gymnasium.register_envs(gymnasium_robotics)
-    env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1", max_episode_steps=100 if task == "pen" else 200,
-                         **kwargs)
-    # gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door, hammer
-    # and relocate rewards (Gymnasium-Robotics PR 220); for those versions D4RL's reward is recomputed
-    release = tuple(int(x) for x in version("gymnasium-robotics").split(".")[:3])
-    return D4RLAdroit(env, task, recompute_reward=task != "pen" and (1, 2, 1) <= release <= (1, 4, 2))
-
-
-class D4RLAdroit(gymnasium.Wrapper):
-    def __init__(self, env: gymnasium.Env, task: str, recompute_reward: bool):
-        super().__init__(env)
-        self.task, self.recompute_reward = task, recompute_reward
-
-    def step(self, action):
-        observation, reward, terminated, truncated, info = self.env.step(action)
-        if self.task == "pen":
-            terminated = bool(self.env.unwrapped.data.xpos[self.env.unwrapped.obj_body_id][2] < 0.075)
-        if self.recompute_reward:
-            reward = d4rl_adroit_reward(self.task, self.env.unwrapped)
-        return observation, reward, terminated, truncated, info
-
-
-def d4rl_adroit_reward(task: str, env) -> float:
-    """D4RL's dense reward of the door, hammer and relocate tasks (with its bonuses) at the current state."""
-    data, sites = env.data, env.data.site_xpos
-    if task == "door":
-        door = data.qpos[env.door_hinge_addrs]
-        reward = -0.1 * np.linalg.norm(sites[env.grasp_site_id] - sites[env.handle_site_id])
-        reward += -0.1 * (door - 1.57) ** 2 - 1e-5 * np.sum(data.qvel ** 2)
-        return float(reward + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35))
-    obj, palm = data.xpos[env.obj_body_id], sites[env.S_grasp_site_id]
-    if task == "hammer":
-        tool, nail, goal = sites[env.tool_site_id], sites[env.target_obj_site_id], sites[env.goal_site_id]
-        nail_to_goal = np.linalg.norm(nail - goal)
-        reward = -0.1 * np.linalg.norm(palm - obj) - np.linalg.norm(tool - nail) - 10 * nail_to_goal
-        reward -= 1e-2 * np.linalg.norm(data.qvel)
-        return float(reward + 2 * (obj[2] > 0.04 and tool[2] > 0.04) + 25 * (nail_to_goal < 0.02)
-                     + 75 * (nail_to_goal < 0.01))
-    target = sites[env.target_obj_site_id]  # relocate
-    reward = -0.1 * np.linalg.norm(palm - obj)
-    if obj[2] > 0.04:
-        reward += 1.0 - 0.5 * np.linalg.norm(palm - target) - 0.5 * np.linalg.norm(obj - target)
-    obj_to_target = np.linalg.norm(obj - target)
-    return float(reward + 10 * (obj_to_target < 0.1) + 20 * (obj_to_target < 0.05))
-
-
-# D4RL's normalised score: 100 * (return - random) / (expert - random)
-D4RL_REFERENCE_RETURNS = {"antmaze": (0.0, 1.0), "pen": (96.262799, 3076.8331017826877),
-                          "door": (-56.512833, 2880.5693087298737), "hammer": (-274.856578, 12794.134825156867),
-                          "relocate": (-6.425911, 4233.877797728884)}
-
-
-def with_score(env_name: str, result: dict) -> dict:
-    """Add D4RL's normalised score of the mean return for D4RL environments."""
-    if env_name not in fql.D4RL:
-        return result
-    low, high = D4RL_REFERENCE_RETURNS[env_name.split("-")[0]]
-    return dict(result, score=100 * (result["return"] - low) / (high - low))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,10 +49,10 @@ def evaluate(policy: Policy, env: gymnasium.Env, episodes: int, seed: int) -> di
     return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
 
 
-def evaluate_parallel(policy: Policy, envs: gymnasium.vector.VectorEnv, episodes: int, seed: int,
+def evaluate_parallel(policy: Policy, vector_env: gymnasium.vector.VectorEnv, episodes: int, seed: int,
                       progress: tqdm | None = None) -> dict:
     """As `evaluate` (same seeds, same results for a deterministic policy), with one batched policy call
-    per step for all environments. Episodes run in rounds of `envs.num_envs`; an environment whose
+    per step for all environments. Episodes run in rounds of `vector_env.num_envs`; an environment whose
     episode has ended keeps stepping until the round ends, and its extra steps are ignored."""
     successes, returns, lengths = [], [], []
     # torch's CPU threads busy-wait between calls and would take the cores the environment workers
@@ -225,12 +60,13 @@ def evaluate_parallel(policy: Policy, envs: gymnasium.vector.VectorEnv, episodes
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for first in range(0, episodes, envs.num_envs):
-            observations, _ = envs.reset(seed=[seed + first + i for i in range(envs.num_envs)])
-            running = np.arange(envs.num_envs) < episodes - first  # the last round may need fewer
-            episode_return, length = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=int)
+        for first in range(0, episodes, vector_env.num_envs):
+            observations, _ = vector_env.reset(seed=[seed + first + i for i in range(vector_env.num_envs)])
+            running = np.arange(vector_env.num_envs) < episodes - first  # the last round may need fewer
+            episode_return, length = np.zeros(vector_env.num_envs), np.zeros(vector_env.num_envs, dtype=int)
             while running.any():
-                observations, rewards, terminated, truncated, infos = envs.step(np.clip(policy(observations), -1, 1))
+                actions = np.clip(policy(observations), -1, 1)
+                observations, rewards, terminated, truncated, infos = vector_env.step(actions)
                 episode_return += np.where(running, rewards, 0)
                 length += running
                 for i in np.flatnonzero(running & (terminated | truncated)):
@@ -253,7 +89,7 @@ def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, direc
 
     size = {} if env_name.startswith("visual-") else dict(width=256, height=256)
     try:
-        env = make_env(env_name, frame_stack, render_mode="rgb_array", **size)
+        env = envs.make_env(env_name, frame_stack, render_mode="rgb_array", **size)
         env.reset(seed=seed)
         env.render()
     except Exception as err:  # MuJoCo raises several types when no OpenGL platform loads
@@ -325,7 +161,7 @@ class ReplayBuffer:
 
 def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int) -> dict:
     """Half of the batch from the offline dataset, half from the online transitions."""
-    first, second = fql.sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
+    first, second = envs.sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
     return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
@@ -342,8 +178,7 @@ class OnlineCollector:
         action = policy(self.observation)
         next_observation, reward, terminated, truncated, info = self.env.step(action)
         buffer.add(dict(observations=self.observation, actions=action, rewards=reward + self.reward_shift,
-                        masks=1.0 - terminated,
-                        next_observations=next_observation))
+                        masks=1.0 - terminated, next_observations=next_observation))
         self.episode_return += float(reward)
         self.episode_length += 1
         self.observation = next_observation
@@ -362,7 +197,7 @@ def checkpoint_path(path: str) -> str:
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise fql.UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or the file")
+        raise envs.UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or the file")
     return path
 
 
@@ -392,18 +227,18 @@ def plot_runs(run_dirs: list, output: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not run_dirs:
+        raise envs.UsageError("give one or more run folders to plot")
     groups = {}
     for run in run_dirs:
         config_file = os.path.join(run, "config.json")
         if not os.path.isfile(config_file):
-            raise fql.UsageError(f"{run} is not an fql.py run folder (no config.json)")
+            raise envs.UsageError(f"{run} is not an fql.py run folder (no config.json)")
         with open(config_file) as f:
             config = {k: v for k, v in json.load(f).items() if k not in NOT_CONFIG}
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
     varying = {k for key in groups for k, v in json.loads(key).items()
                if any(json.loads(other).get(k) != v for other in groups)}
-    if not run_dirs:
-        raise fql.UsageError("give one or more run folders to plot")
     metrics = [(file, key) for file, keys in PLOTTED.items() for key in keys]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
     for color, (key, runs) in enumerate(groups.items()):
@@ -443,16 +278,17 @@ def benchmark(cfg: fql.Config, repeats: int = 3):
     """`python fql.py --benchmark`: median updates/s of `repeats` timings of the training step after warm-up,
     in each execution mode, on random data with the env's shapes and the config's networks."""
     cfg = fql.resolve_config(cfg)
-    env = make_env(cfg.env)
+    env = envs.make_env(cfg.env)
     shape, action_dim = env.observation_space.shape, env.action_space.shape[0]
+    env.close()
     rng, n = np.random.default_rng(cfg.seed), 100_000 if len(shape) == 1 else 10_000
     if len(shape) == 1:
         dataset = dict(observations=rng.normal(size=(n, *shape)), next_observations=rng.normal(size=(n, *shape)))
     else:  # compact frames, as pixel datasets are stored
         dataset = dict(observations=rng.integers(0, 256, (n, *shape), dtype=np.uint8), valids=np.arange(n) < n - 1)
     dataset.update(actions=rng.uniform(-1, 1, (n, action_dim)), rewards=-rng.integers(0, 2, n), masks=np.ones(n))
-    data = fql.to_device(dataset, cfg.device)
-    observation_shape = fql.stacked_shape(data, cfg)
+    data = envs.to_device(dataset, cfg.device)
+    observation_shape = envs.stacked_shape(data, cfg.frame_stack)
     on_cuda = torch.device(cfg.device).type == "cuda"
     if on_cuda:
         torch.set_float32_matmul_precision("high")  # as in training
@@ -468,7 +304,7 @@ def benchmark(cfg: fql.Config, repeats: int = 3):
         mode_cfg = dataclasses.replace(cfg, **flags)
         torch.manual_seed(cfg.seed)
         agent = fql.FQLAgent(fql.FQLNetworks(observation_shape, action_dim, mode_cfg).to(cfg.device), mode_cfg)
-        step = fql.make_train_step(agent, fql.make_sampler(data, mode_cfg))
+        step = fql.make_train_step(agent, envs.make_sampler(data, cfg.frame_stack, cfg.p_aug))
         rates, start = [], time.perf_counter()
         for _ in range(3):  # warm-up: compilation and graph recording happen here
             step(False)
@@ -542,21 +378,22 @@ class PlotArgs:
 
 def run_evaluation(args: EvalArgs) -> dict:
     if args.episodes <= 0 or args.video_episodes < 0 or args.frame_skip <= 0:
-        raise fql.UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
+        raise envs.UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
     path = checkpoint_path(args.checkpoint)
     agent, state = load_agent(path, args.device)
-    env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env
-    probe = make_env(env_name, agent.cfg.frame_stack)
+    env_name = envs.resolve_env(args.env)[0] if args.env else agent.cfg.env
+    probe = envs.make_env(env_name, agent.cfg.frame_stack)
     shapes = (tuple(probe.observation_space.shape), probe.action_space.shape[0])
     probe.close()
     if shapes != (tuple(state["observation_shape"]), state["action_dim"]):
-        raise fql.UsageError(f"{path} was trained on {agent.cfg.env} (observation {tuple(state['observation_shape'])}"
+        raise envs.UsageError(f"{path} was trained on {agent.cfg.env} (observation {tuple(state['observation_shape'])}"
                              f", action {state['action_dim']}); {env_name} has observation {shapes[0]}, action "
                              f"{shapes[1]}")
-    envs = make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()), agent.cfg.frame_stack)
+    vector_env = envs.make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()),
+                                      agent.cfg.frame_stack)
     with tqdm(total=args.episodes, unit="episode") as progress:
-        result = with_score(env_name, evaluate_parallel(agent.act, envs, args.episodes, args.seed, progress))
-    envs.close()
+        result = envs.with_score(env_name, evaluate_parallel(agent.act, vector_env, args.episodes, args.seed, progress))
+    vector_env.close()
     result = dict(result, env=env_name, episodes=args.episodes, seed=args.seed, step=state["step"], checkpoint=path)
     run_dir = os.path.dirname(path)
     if args.video_episodes:
@@ -592,7 +429,7 @@ def main(argv: list[str] | None = None):
             return run_finetune(tyro.cli(FinetuneArgs, args=rest, use_underscores=True, prog="eval.py finetune"))
         else:
             return run_evaluation(tyro.cli(EvalArgs, args=rest, use_underscores=True, description=__doc__))
-    except fql.UsageError as err:
+    except envs.UsageError as err:
         sys.exit(f"eval.py: error: {err}")
 
 

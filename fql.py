@@ -16,7 +16,7 @@ Examples:
   python fql.py --env ogbench-cube-double --online_steps 1000000   # then offline-to-online fine-tuning
   python fql.py --env ogbench-cube-single --resume          # continue a killed run
   python fql.py --benchmark                                # updates/s of the training step
-Evaluation, videos, plots and fine-tuning of saved runs: eval.py.
+Env names, datasets and environments: envs.py. Evaluation, videos, plots, fine-tuning of saved runs: eval.py.
 """
 import copy
 import csv
@@ -26,25 +26,20 @@ import json
 import math
 import os
 import platform
-import re
-import shutil
-import socket
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+from tqdm import tqdm
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before MuJoCo loads
-import gymnasium  # noqa: E402
-import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import tyro  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import envs  # env names and settings, datasets and batch sampling, environments
+from envs import UsageError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,76 +115,15 @@ class Config:
     shapes and this config's networks and batch size, then exit; needs no dataset"""
 
 
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, without a traceback."""
-
-
 # ----------------------------------------------------------------------------------------------
-# Environments and per-environment defaults (the paper's hyperparameter tables; official README)
+# Defaults: the official agent's, then the paper's per-env settings (envs.ENVS, envs.D4RL)
 # ----------------------------------------------------------------------------------------------
-# alias: (OGBench dataset, default task, alpha, extra flags)
-ENVS = {
-    "antmaze-large": ("antmaze-large-navigate", 1, 10, dict(q_agg="min")),
-    "antmaze-giant": ("antmaze-giant-navigate", 1, 10, dict(discount=0.995, q_agg="min")),
-    "humanoidmaze-medium": ("humanoidmaze-medium-navigate", 1, 30, dict(discount=0.995)),
-    "humanoidmaze-large": ("humanoidmaze-large-navigate", 1, 30, dict(discount=0.995)),
-    "antsoccer-arena": ("antsoccer-arena-navigate", 4, 10, dict(discount=0.995)),
-    "cube-single": ("cube-single-play", 2, 300, {}),
-    "cube-double": ("cube-double-play", 2, 300, {}),
-    "scene": ("scene-play", 2, 300, {}),
-    "puzzle-3x3": ("puzzle-3x3-play", 4, 1000, {}),
-    "puzzle-4x4": ("puzzle-4x4-play", 4, 1000, {}),
-    **{f"visual-{env}": (f"visual-{env}-play", 1, alpha, dict(encoder="impala_small", frame_stack=3, p_aug=0.5,
-                                                               offline_steps=500_000))
-       for env, alpha in {"cube-single": 300, "cube-double": 100, "scene": 100, "puzzle-3x3": 300,
-                          "puzzle-4x4": 300}.items()},
-}
-DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)  # official agent config
-
-# D4RL: name -> (d4rl's file name, alpha, extra flags); the official README's settings, 500K steps
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
-ANTMAZE_FILE = "ant_maze_v2/Ant_maze_{}_noisy_multistart_{}_multigoal_{}_sparse_fixed.hdf5"
-D4RL = {
-    "antmaze-umaze-v2": (ANTMAZE_FILE.format("u-maze", False, False), 10, {}),
-    "antmaze-umaze-diverse-v2": (ANTMAZE_FILE.format("u-maze", True, True), 10, {}),
-    "antmaze-medium-play-v2": (ANTMAZE_FILE.format("big-maze", True, False), 10, {}),
-    "antmaze-medium-diverse-v2": (ANTMAZE_FILE.format("big-maze", True, True), 10, {}),
-    "antmaze-large-play-v2": (ANTMAZE_FILE.format("hardest-maze", True, False), 3, {}),
-    "antmaze-large-diverse-v2": (ANTMAZE_FILE.format("hardest-maze", True, True), 3, {}),
-    **{f"{task}-{kind}-v1": (f"hand_dapg_v1/{task}-{kind}-v1.hdf5", alpha, dict(q_agg="min"))
-       for task, alphas in dict(pen=(10000, 10000, 3000), door=(30000, 30000, 30000),
-                                hammer=(30000, 10000, 30000), relocate=(10000, 30000, 30000)).items()
-       for kind, alpha in zip(("human", "cloned", "expert"), alphas, strict=True)},
-}
-
-
-def resolve_env(name: str) -> tuple[str, dict]:
-    """Map a user's env name to (full OGBench single-task name, per-env defaults)."""
-    for d4rl_name, (_, alpha, extra) in D4RL.items():
-        if name in (d4rl_name, "d4rl-" + d4rl_name.rsplit("-", 1)[0]):
-            return d4rl_name, dict(alpha=alpha, offline_steps=500_000, **extra)
-    alias = re.fullmatch(r"ogbench-(.+?)(?:-task(\d+))?", name)
-    if alias and alias[1] in ENVS:
-        dataset, default_task, alpha, extra = ENVS[alias[1]]
-        task = int(alias[2] or default_task)
-        if not 1 <= task <= 5:
-            raise UsageError(f"{name}: OGBench single-task envs have tasks 1 to 5")
-        return f"{dataset}-singletask-task{task}-v0", dict(alpha=alpha, **extra)
-    full = re.fullmatch(r"(.+)-(\w+)-singletask(-task\d+)?-v0", name)
-    if full and f"{full[1]}-singletask{full[3] or ''}-v0" in gymnasium.registry:
-        for dataset, _, alpha, extra in ENVS.values():
-            if dataset == f"{full[1]}-{full[2]}":
-                return name, dict(alpha=alpha, **extra)
-        return name, {}
-    valid = ", ".join(f"ogbench-{a}" for a in ENVS)
-    d4rl = ", ".join("d4rl-" + n.rsplit("-", 1)[0] for n in D4RL)
-    raise UsageError(f"unknown env {name!r}. Valid: {valid} (add -task1..-task5 for another task), "
-                     f"a full OGBench single-task name such as cube-single-play-singletask-task2-v0, or {d4rl}")
+DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)
 
 
 def resolve_config(cfg: Config) -> Config:
     """Fill the per-environment defaults the user did not set, then check the config."""
-    env_name, env_defaults = resolve_env(cfg.env)
+    env_name, env_defaults = envs.resolve_env(cfg.env)
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
               for k, v in {**DEFAULTS, **env_defaults}.items()}
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -208,137 +142,6 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.env.startswith("visual-") and cfg.online_steps:
         raise UsageError("fine-tuning on pixels is not supported: its buffer would hold stacked frames per step")
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: OGBench and D4RL datasets, moved to the device once; batches are sampled there
-# ----------------------------------------------------------------------------------------------
-ACTION_CLIP = 1 - 1e-5  # dataset actions are clipped so the flow never has to reach exactly +-1
-
-
-def load_ogbench(env_name: str, dataset_dir: str):
-    """Return (env, train, val) for an OGBench single-task env, with rewards and masks for its task."""
-    splits = env_name.split("-")
-    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])
-    dataset_dir = os.path.expanduser(dataset_dir)
-    files = [f"{dataset_name}.npz", f"{dataset_name}-val.npz"]
-    if not all(os.path.exists(os.path.join(dataset_dir, f)) for f in files):
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(60)  # a blocked network should fail, not hang forever
-        try:
-            ogbench.download_datasets([dataset_name], dataset_dir)
-        except OSError as err:
-            raise UsageError(f"dataset files {files[0]} and {files[1]} are not in {dataset_dir} and could not be "
-                             f"downloaded ({err}). Copy them there, or pass --dataset_dir DIR.") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    # Pixel datasets stay compact (each frame once, s' = the next row), not doubled by next_observations
-    compact = env_name.startswith("visual-")
-    return ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir, compact_dataset=compact)
-
-
-def load_d4rl(name: str) -> dict:
-    """Transitions of a D4RL dataset read from d4rl's own hdf5 file (no d4rl, no mujoco-py): converted as
-    d4rl.qlearning_dataset does, then post-processed as the official FQL code does."""
-    import h5py
-
-    directory = os.path.expanduser(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets"))
-    url = D4RL_URL + D4RL[name][0]
-    path = os.path.join(directory, os.path.basename(url))
-    if not os.path.exists(path):
-        try:
-            os.makedirs(directory, exist_ok=True)
-            print(f"downloading {url}")
-            with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
-                shutil.copyfileobj(response, f)
-            os.replace(path + ".tmp", path)
-        except OSError as err:
-            raise UsageError(f"D4RL file {os.path.basename(path)} is not in {directory} and could not be downloaded "
-                             f"({err}). Download {url} into that folder (or set D4RL_DATASET_DIR).") from None
-    with h5py.File(path, "r") as f:
-        if "timeouts" not in f:
-            raise UsageError(f"{path} has no 'timeouts'; the D4RL v2 antmaze and v1 adroit files have them")
-        observations, actions = f["observations"][:].astype(np.float32), f["actions"][:].astype(np.float32)
-        rewards, dones, timeouts = f["rewards"][:].astype(np.float32), f["terminals"][:], f["timeouts"][:]
-
-    # d4rl.qlearning_dataset: transition i goes to i + 1; the last step of a timed-out episode is dropped
-    keep = ~timeouts[:-1].astype(bool)
-    dataset = dict(observations=observations[:-1][keep], actions=actions[:-1][keep], rewards=rewards[:-1][keep],
-                   next_observations=observations[1:][keep], masks=1.0 - dones[:-1][keep].astype(np.float32))
-    # Official FQL: an episode ends where the next transition does not start from this one's next
-    # observation (or, for adroit, at a terminal); antmaze rewards shift from {0, 1} to {-1, 0}
-    breaks = np.linalg.norm(dataset["observations"][1:] - dataset["next_observations"][:-1], axis=-1) > 1e-6
-    if not name.startswith("antmaze"):
-        breaks |= dones[:-1][keep][:-1].astype(bool)
-    dataset["terminals"] = np.append(breaks, True).astype(np.float32)
-    if name.startswith("antmaze"):
-        dataset["rewards"] = dataset["rewards"] - 1.0
-    return dataset
-
-
-def to_device(dataset: dict, device) -> dict:
-    """Keep what the update needs on the device: float32 transitions, or for a compact pixel dataset the
-    uint8 frames with the rows that start a transition and the first row of each row's episode."""
-    keys = ("actions", "rewards", "masks") + (("observations", "next_observations") if "valids" not in dataset else ())
-    data = {k: torch.as_tensor(np.asarray(dataset[k], dtype=np.float32), device=device) for k in keys}
-    data["actions"] = data["actions"].clamp(-ACTION_CLIP, ACTION_CLIP)
-    if "valids" in dataset:
-        rows = np.arange(len(dataset["valids"]))
-        starts = np.concatenate([[True], dataset["valids"][:-1] == 0])  # a row after an episode's last frame
-        data["observations"] = torch.as_tensor(dataset["observations"], device=device)  # uint8, not copied again
-        data["valid_rows"] = torch.as_tensor(np.flatnonzero(dataset["valids"]), device=device)
-        data["episode_start"] = torch.as_tensor(np.maximum.accumulate(np.where(starts, rows, 0)), device=device)
-    return data
-
-
-def sample_batch(data: dict, batch_size: int) -> dict:
-    """Uniform transitions, indexed on the device (no host-to-device copy per step)."""
-    n = data["observations"].shape[0]
-    idx = torch.randint(n, (batch_size,), device=data["observations"].device)
-    return {k: v[idx] for k, v in data.items()}
-
-
-def sample_pixels(data: dict, batch_size: int, frame_stack: int, p_aug: float) -> dict:
-    """Uniform transitions of a compact pixel dataset: s stacks the frame_stack latest frames (oldest
-    first along the channels, the episode's first frame repeated before it starts) and s' the same one
-    row later. With probability p_aug the batch is randomly shifted, as the official code does."""
-    idx = data["valid_rows"][torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device)]
-    start = data["episode_start"][idx]
-    batch = {k: data[k][idx] for k in ("actions", "rewards", "masks")}
-    for key, last in (("observations", idx), ("next_observations", idx + 1)):
-        frames = [data["observations"][torch.maximum(last - k, start)] for k in reversed(range(frame_stack))]
-        batch[key] = torch.cat(frames, dim=-1)
-    if p_aug:
-        batch["observations"], batch["next_observations"] = random_shift(
-            batch["observations"], batch["next_observations"], p_aug)
-    return batch
-
-
-def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_aug: float, pad: int = 3):
-    """With probability p_aug, shift each image by up to `pad` pixels (edge padding then a crop back to the
-    image size), s and s' of a sample by the same offset and each sample by its own, as the official code.
-    Both branches are computed and one is kept, so a recorded CUDA graph stays valid."""
-    batch, height, width = observations.shape[:3]
-    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=observations.device) - pad
-    rows = (torch.arange(height, device=observations.device) + offsets[:, :1]).clamp(0, height - 1)
-    cols = (torch.arange(width, device=observations.device) + offsets[:, 1:]).clamp(0, width - 1)
-    apply = torch.rand((), device=observations.device) < p_aug
-    samples = torch.arange(batch, device=observations.device)[:, None, None]
-    return [torch.where(apply, images[samples, rows[:, :, None], cols[:, None, :]], images)
-            for images in (observations, next_observations)]
-
-
-def stacked_shape(data: dict, cfg: Config) -> tuple[int, ...]:
-    """The shape of one observation as the networks see it: pixel frames stacked along the channels."""
-    shape = tuple(data["observations"].shape[1:])
-    return (*shape[:-1], shape[-1] * cfg.frame_stack) if "valid_rows" in data else shape
-
-
-def make_sampler(data: dict, cfg: Config, augment: bool = True):
-    """`sample(batch_size) -> batch` for the dataset's layout."""
-    if "valid_rows" in data:
-        return functools.partial(sample_pixels, data, frame_stack=cfg.frame_stack, p_aug=cfg.p_aug if augment else 0)
-    return functools.partial(sample_batch, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -804,15 +607,15 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
     if cfg.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX uses by default on GPU
 
-    if cfg.env in D4RL:  # D4RL has no validation split
-        env, train_set, val_set = eval.make_env(cfg.env), load_d4rl(cfg.env), None
+    if cfg.env in envs.D4RL:  # D4RL has no validation split
+        env, train_set, val_set = envs.make_env(cfg.env), envs.load_d4rl(cfg.env), None
     else:
-        env, train_set, val_set = load_ogbench(cfg.env, cfg.dataset_dir)
-    train_data = to_device(train_set, cfg.device)
-    val_data = to_device(val_set, cfg.device) if val_set else None
-    observation_shape, action_dim = stacked_shape(train_data, cfg), train_data["actions"].shape[1]
+        env, train_set, val_set = envs.load_ogbench(cfg.env, cfg.dataset_dir)
+    train_data = envs.to_device(train_set, cfg.device)
+    val_data = envs.to_device(val_set, cfg.device) if val_set else None
+    observation_shape, action_dim = envs.stacked_shape(train_data, cfg.frame_stack), train_data["actions"].shape[1]
     agent = FQLAgent(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device), cfg)
-    offline_step = make_train_step(agent, make_sampler(train_data, cfg))
+    offline_step = make_train_step(agent, envs.make_sampler(train_data, cfg.frame_stack, cfg.p_aug))
     buffer = online_step = None
     if cfg.online_steps:  # the official layout: the offline data, then online transitions appended
         if cfg.balanced_sampling:
@@ -843,7 +646,7 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
         wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg))
     eval_envs = None
     if cfg.eval_interval:
-        eval_envs = eval.make_vector_env(cfg.env, min(cfg.eval_episodes, os.cpu_count()), cfg.frame_stack)
+        eval_envs = envs.make_vector_env(cfg.env, min(cfg.eval_episodes, os.cpu_count()), cfg.frame_stack)
     collector = None
 
     total_steps = cfg.offline_steps + cfg.online_steps
@@ -859,7 +662,7 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
         else:  # fine-tuning: one environment step, then one update on the growing buffer
             if collector is None:
                 # the official code shifts D4RL antmaze rewards online as it does offline
-                reward_shift = -1.0 if cfg.env in D4RL and cfg.env.startswith("antmaze") else 0.0
+                reward_shift = -1.0 if cfg.env in envs.D4RL and cfg.env.startswith("antmaze") else 0.0
                 collector = eval.OnlineCollector(env, seed=cfg.seed + step, reward_shift=reward_shift)
             collector.step(agent.act, buffer)
             metrics = online_step(with_metrics=log_now)
@@ -868,7 +671,7 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
             row = {"step": step, **{k: v.item() for k, v in metrics.items()}}
             if val_data is not None:
                 with torch.no_grad():
-                    val_batch = make_sampler(val_data, cfg, augment=False)(cfg.batch_size)
+                    val_batch = envs.make_sampler(val_data, cfg.frame_stack, p_aug=0)(cfg.batch_size)
                     val_noise = draw_noise(cfg.batch_size, action_dim, cfg.device)
                     _, val_metrics = fql_losses(agent.nets, val_batch, val_noise, cfg, with_metrics=True)
                 row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
@@ -884,7 +687,7 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
                 wandb.log(row, step=step)
 
         if eval_envs and (step % cfg.eval_interval == 0 or step == total_steps):
-            result = eval.with_score(cfg.env, eval.evaluate_parallel(agent.act, eval_envs, cfg.eval_episodes,
+            result = envs.with_score(cfg.env, eval.evaluate_parallel(agent.act, eval_envs, cfg.eval_episodes,
                                                                      seed=cfg.seed + step))
             eval_log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
             progress.write(f"step {step}: success {result['success']:.3f}, return {result['return']:.1f}")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import envs
 import eval as fql_eval
 import fql
 
@@ -157,11 +158,11 @@ def test_dataset_on_device_clips_actions_and_samples_whole_transitions():
     index = np.arange(n, dtype=np.float32)
     dataset = dict(observations=np.stack([index, index], 1), next_observations=np.stack([index + 1, index], 1),
                    actions=np.linspace(-1, 1, n)[:, None], rewards=-index, masks=index % 2, terminals=index * 0)
-    data = fql.to_device(dataset, "cpu")
+    data = envs.to_device(dataset, "cpu")
     assert set(data) == {"observations", "actions", "rewards", "masks", "next_observations"}
     assert data["actions"].dtype == torch.float32
     assert data["actions"].max() == np.float32(1 - 1e-5) and data["actions"].min() == np.float32(-1 + 1e-5)
-    batch = fql.sample_batch(data, 4096)
+    batch = envs.sample_batch(data, 4096)
     i = batch["observations"][:, 0]
     assert torch.equal(batch["next_observations"][:, 0], i + 1) and torch.equal(batch["rewards"], -i)
     assert torch.equal(batch["masks"], i % 2) and len(torch.unique(i)) > 900  # uniform over the dataset
@@ -333,7 +334,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     cfg = make_config(alpha=0.3, actor_hidden_dims=(128, 128), value_hidden_dims=(128, 128), lr=1e-3)
     agent = make_agent(2, 1, cfg)
     for _ in range(1000):
-        agent.update(fql.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
+        agent.update(envs.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
 
     test_context = torch.rand(2000, 2) * 2 - 1
     better_sign = torch.sign(test_context[:, :1])
@@ -450,7 +451,7 @@ def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeyp
     flags = ("--offline_steps", "60", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
     straight = run_cli(cube_data, tmp_path / "straight", *flags)
 
-    real_sample, calls = fql.sample_batch, []
+    real_sample, calls = envs.sample_batch, []
 
     def killed_at_step_55(data, batch_size):
         calls.append(1)
@@ -458,10 +459,10 @@ def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real_sample(data, batch_size)
 
-    monkeypatch.setattr(fql, "sample_batch", killed_at_step_55)
+    monkeypatch.setattr(envs, "sample_batch", killed_at_step_55)
     with pytest.raises(KeyboardInterrupt):
         run_cli(cube_data, tmp_path / "killed", *flags)
-    monkeypatch.setattr(fql, "sample_batch", real_sample)
+    monkeypatch.setattr(envs, "sample_batch", real_sample)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 40
     assert read_csv(tmp_path / "killed" / "train.csv")[-1]["step"] == "50"  # logged after the last checkpoint
 
@@ -599,7 +600,7 @@ CUBE = "cube-single-play-singletask-task2-v0"
 
 def pointmaze_oracle():
     """Heads for OGBench's oracle subgoal on the way to the task's goal: a policy known to succeed."""
-    helper = fql_eval.make_env(POINTMAZE).unwrapped
+    helper = envs.make_env(POINTMAZE).unwrapped
     helper.reset(seed=0)
     goal = np.array(helper.cur_goal_xy)
 
@@ -613,13 +614,13 @@ def pointmaze_oracle():
 
 
 def test_scripted_policy_succeeds_and_random_policy_fails():
-    envs = fql_eval.make_vector_env(POINTMAZE, 2)
+    vector_env = envs.make_vector_env(POINTMAZE, 2)
     try:
-        oracle = fql_eval.evaluate_parallel(pointmaze_oracle(), envs, 3, seed=0)
+        oracle = fql_eval.evaluate_parallel(pointmaze_oracle(), vector_env, 3, seed=0)
         rng = np.random.default_rng(0)
-        random = fql_eval.evaluate_parallel(lambda obs: rng.uniform(-1, 1, obs.shape), envs, 3, seed=0)
+        random = fql_eval.evaluate_parallel(lambda obs: rng.uniform(-1, 1, obs.shape), vector_env, 3, seed=0)
     finally:
-        envs.close()
+        vector_env.close()
     assert oracle["success"] == 1 and oracle["length"] < 400  # reaches the goal well within 1000 steps
     assert random["success"] == 0 and random["length"] == 1000  # the goal is far for a random walk
 
@@ -634,12 +635,12 @@ def recording(seen: list):
 
 def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds():
     sequential_seen, parallel_seen = [], []
-    sequential = fql_eval.evaluate(recording(sequential_seen), fql_eval.make_env(CUBE), 3, seed=5)
-    envs = fql_eval.make_vector_env(CUBE, 2)
+    sequential = fql_eval.evaluate(recording(sequential_seen), envs.make_env(CUBE), 3, seed=5)
+    vector_env = envs.make_vector_env(CUBE, 2)
     try:
-        parallel = fql_eval.evaluate_parallel(recording(parallel_seen), envs, 3, seed=5)
+        parallel = fql_eval.evaluate_parallel(recording(parallel_seen), vector_env, 3, seed=5)
     finally:
-        envs.close()
+        vector_env.close()
     assert parallel == pytest.approx(sequential)
     by_episode = np.array(sequential_seen).reshape(3, 200, -1)
     rounds = np.array(parallel_seen).reshape(2, 200, 2, -1)  # 2 rounds of 2 environments, 200 steps each
@@ -817,7 +818,7 @@ def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
 def write_d4rl_file(directory, name, observations, actions, rewards, terminals, timeouts):
     import h5py
 
-    path = os.path.join(directory, os.path.basename(fql.D4RL[name][0]))
+    path = os.path.join(directory, os.path.basename(envs.D4RL[name][0]))
     with h5py.File(path, "w") as f:
         for key, value in dict(observations=observations, actions=actions, rewards=rewards, terminals=terminals,
                                timeouts=timeouts).items():
@@ -833,18 +834,18 @@ def test_d4rl_file_becomes_fql_transitions(tmp_path, monkeypatch):
     timeouts = np.array([0, 0, 0, 1, 0, 0, 1], bool)
     write_d4rl_file(tmp_path, "antmaze-umaze-v2", observations, np.full((7, 8), 2.0), rows * 0 + (rows == 2),
                     np.zeros(7, bool), timeouts)
-    data = fql.load_d4rl("antmaze-umaze-v2")
+    data = envs.load_d4rl("antmaze-umaze-v2")
     # as d4rl.qlearning_dataset: transitions from rows 0, 1, 2, 4, 5 (row 3 ends its episode by timeout)
     np.testing.assert_array_equal(data["observations"][:, 0], [0, 1, 2, 4, 5])
     np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 3, 5, 6])
     np.testing.assert_array_equal(data["rewards"], [-1, -1, 0, -1, -1])  # antmaze: reward - 1
     np.testing.assert_array_equal(data["masks"], [1, 1, 1, 1, 1])
     np.testing.assert_array_equal(data["terminals"], [0, 0, 1, 0, 1])  # where the next start does not follow
-    assert fql.to_device(data, "cpu")["actions"].max() == np.float32(1 - 1e-5)  # actions clipped as OGBench's
+    assert envs.to_device(data, "cpu")["actions"].max() == np.float32(1 - 1e-5)  # actions clipped as OGBench's
 
     dones = np.array([0, 1, 0, 0, 0, 0, 0], bool)  # adroit: a terminal also ends the episode, and masks it
     write_d4rl_file(tmp_path, "pen-human-v1", observations[:, :3], np.zeros((7, 24)), rows, dones, timeouts)
-    data = fql.load_d4rl("pen-human-v1")
+    data = envs.load_d4rl("pen-human-v1")
     np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 4, 5])
     np.testing.assert_array_equal(data["masks"], [1, 0, 1, 1, 1])
     np.testing.assert_array_equal(data["terminals"], [0, 1, 1, 0, 1])
@@ -855,7 +856,7 @@ def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
     assert (cfg.env, cfg.alpha, cfg.q_agg, cfg.offline_steps) == ("antmaze-large-play-v2", 3, "mean", 500_000)
     cfg = parse("--env", "pen-expert-v1", "--offline_steps", "7")
     assert (cfg.env, cfg.alpha, cfg.q_agg, cfg.offline_steps) == ("pen-expert-v1", 3000, "min", 7)
-    assert len(fql.D4RL) == 18
+    assert len(envs.D4RL) == 18
     with pytest.raises(SystemExit, match="d4rl-antmaze-umaze-diverse"):
         fql.main(["--env", "d4rl-antmaze-ultra-play"])
 
@@ -870,10 +871,10 @@ def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
 
 
 def test_d4rl_antmaze_rewards_the_goal_and_ends_there():
-    env = fql_eval.make_env("antmaze-medium-play-v2")
+    env = envs.make_env("antmaze-medium-play-v2")
     maze = env.unwrapped
     assert env.observation_space.shape == (29,) and env._max_episode_steps == 1000
-    np.testing.assert_array_equal(maze.maze_map, fql_eval.BIG_MAZE)
+    np.testing.assert_array_equal(maze.maze_map, envs.BIG_MAZE)
     goals = []
     for seed in range(20):
         observation, _ = env.reset(seed=seed)
@@ -886,14 +887,14 @@ def test_d4rl_antmaze_rewards_the_goal_and_ends_there():
     maze.set_xy(maze.cur_goal_xy + 0.2)
     _, reward, terminated, _, info = env.step(np.zeros(8))
     assert (reward, terminated, info["success"]) == (1.0, True, 1.0)
-    assert fql_eval.make_env("antmaze-umaze-diverse-v2")._max_episode_steps == 700
+    assert envs.make_env("antmaze-umaze-diverse-v2")._max_episode_steps == 700
 
 
 @pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
 def test_adroit_reward_is_d4rls(task):
     """gymnasium-robotics (1.2.1-1.4.2) adds +0.1 |palm - object| where D4RL subtracts it; the wrapper's
     reward must equal the simulator's reward with that term's sign put back."""
-    env = fql_eval.make_env(f"{task}-human-v1")
+    env = envs.make_env(f"{task}-human-v1")
     inner = env.unwrapped
     env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -912,7 +913,7 @@ def test_adroit_reward_is_d4rls(task):
 
 
 def test_adroit_pen_ends_when_dropped_and_runs_100_steps():
-    env = fql_eval.make_env("pen-human-v1")
+    env = envs.make_env("pen-human-v1")
     pen = env.unwrapped
     rng = np.random.default_rng(0)
     endings = []
@@ -935,20 +936,20 @@ def test_random_policy_scores_near_d4rl_random_reference(name, tolerance):
     """D4RL's reference minimum is a random policy's return, so random actions must score about 0. The
     spread of 10 random episodes is a few points of pen's expert-random range (pens drop at random times)
     and well under a point for the other tasks; the antmaze goal is never reached at random."""
-    env = fql_eval.make_env(name)
+    env = envs.make_env(name)
     rng = np.random.default_rng(0)
-    result = fql_eval.with_score(name, fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, env.action_space.shape),
+    result = envs.with_score(name, fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, env.action_space.shape),
                                                          env, 10 if name != "antmaze-umaze-v2" else 2, seed=0))
     assert abs(result["score"]) <= tolerance, result
 
 
 def test_d4rl_normalised_score_arithmetic():
-    assert fql_eval.with_score("pen-human-v1", {"return": 3076.8331017826877})["score"] == pytest.approx(100)
-    assert fql_eval.with_score("door-cloned-v1", {"return": -56.512833})["score"] == pytest.approx(0)
+    assert envs.with_score("pen-human-v1", {"return": 3076.8331017826877})["score"] == pytest.approx(100)
+    assert envs.with_score("door-cloned-v1", {"return": -56.512833})["score"] == pytest.approx(0)
     hammer = (-274.856578 + 12794.134825156867) / 2
-    assert fql_eval.with_score("hammer-expert-v1", {"return": hammer})["score"] == pytest.approx(50)
-    assert fql_eval.with_score("antmaze-large-play-v2", {"return": 0.75})["score"] == pytest.approx(75)
-    assert "score" not in fql_eval.with_score(CUBE, {"return": 1.0})
+    assert envs.with_score("hammer-expert-v1", {"return": hammer})["score"] == pytest.approx(50)
+    assert envs.with_score("antmaze-large-play-v2", {"return": 0.75})["score"] == pytest.approx(75)
+    assert "score" not in envs.with_score(CUBE, {"return": 1.0})
 
 
 def test_d4rl_training_run(tmp_path, monkeypatch):
@@ -995,13 +996,13 @@ def compact_pixels(episode_lengths, frame_stack=3, p_aug=0.0):
     dataset = dict(observations=np.broadcast_to(np.arange(frames, dtype=np.uint8)[:, None, None, None],
                                                 (frames, 8, 8, 3)).copy(),
                    valids=valids, actions=np.zeros((frames, 2)), rewards=np.arange(frames), masks=np.ones(frames))
-    return fql.to_device(dataset, "cpu"), make_config(frame_stack=frame_stack, p_aug=p_aug, encoder="impala_debug")
+    return envs.to_device(dataset, "cpu"), make_config(frame_stack=frame_stack, p_aug=p_aug, encoder="impala_debug")
 
 
 def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
     data, cfg = compact_pixels([4, 3])  # frames 0-4 (transitions from 0-3) and 5-8 (from 5-7)
     assert data["valid_rows"].tolist() == [0, 1, 2, 3, 5, 6, 7]
-    batch = fql.make_sampler(data, cfg)(2000)
+    batch = envs.make_sampler(data, cfg.frame_stack, cfg.p_aug)(2000)
     rows = batch["rewards"].long()  # the row each transition starts from
     assert set(rows.tolist()) == {0, 1, 2, 3, 5, 6, 7}  # never the final frame of an episode
     stacks = {r: (batch["observations"][i, 0, 0, ::3].tolist(), batch["next_observations"][i, 0, 0, ::3].tolist())
@@ -1016,7 +1017,7 @@ def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
 
 def test_random_shift_keeps_shape_moves_pixels_and_pairs_s_with_next_s():
     images = torch.randint(0, 256, (64, 16, 16, 6), dtype=torch.uint8)
-    shifted, shifted_next = fql.random_shift(images, images.clone(), p_aug=1.0)
+    shifted, shifted_next = envs.random_shift(images, images.clone(), p_aug=1.0)
     assert shifted.shape == images.shape and shifted.dtype == torch.uint8
     assert torch.equal(shifted, shifted_next)  # s and s' of a sample move together
     assert (shifted != images).flatten(1).any(1).float().mean() > 0.9  # 48 of 49 offsets move the image
@@ -1024,7 +1025,7 @@ def test_random_shift_keeps_shape_moves_pixels_and_pairs_s_with_next_s():
     for i in range(4):  # each sample is an edge-padded crop at one of the 49 offsets, its own
         crops = [padded[i, :, dy:dy + 16, dx:dx + 16].permute(1, 2, 0) for dy in range(7) for dx in range(7)]
         assert any(torch.equal(shifted[i].float(), crop) for crop in crops)
-    unshifted, _ = fql.random_shift(images, images, p_aug=0.0)
+    unshifted, _ = envs.random_shift(images, images, p_aug=0.0)
     assert torch.equal(unshifted, images)
 
 
@@ -1043,7 +1044,7 @@ class FrameEnv(gymnasium.Env):
 
 
 def test_environment_frames_stack_like_the_dataset():
-    env = fql_eval.FrameStack(FrameEnv(), 3)
+    env = envs.FrameStack(FrameEnv(), 3)
     assert env.observation_space.shape == (4, 4, 9)
     observation, _ = env.reset()
     assert observation[0, 0, ::3].tolist() == [7, 7, 7]
@@ -1121,11 +1122,11 @@ def test_env_names_and_per_env_defaults():
     assert (cfg.env, cfg.alpha, cfg.offline_steps) == ("visual-cube-single-play-singletask-task1-v0", 300, 500_000)
     cfg = parse("--env", "visual-scene-play-singletask-task2-v0")
     assert (cfg.alpha, cfg.encoder, cfg.frame_stack, cfg.p_aug) == (100, "impala_small", 3, 0.5)
-    with pytest.raises(fql.UsageError, match="pixel observations"):
+    with pytest.raises(envs.UsageError, match="pixel observations"):
         parse("--env", "visual-cube-double-play-singletask-task1-v0", "--frame_stack", "0")
     assert parse("--env", "pointmaze-medium-navigate-singletask-v0").alpha == 10  # official default
-    for alias in fql.ENVS:  # every alias names a real OGBench environment
-        assert parse("--env", f"ogbench-{alias}").env.startswith(fql.ENVS[alias][0])
+    for alias in envs.ENVS:  # every alias names a real OGBench environment
+        assert parse("--env", f"ogbench-{alias}").env.startswith(envs.ENVS[alias][0])
 
 
 def test_flags_in_underscore_and_hyphen_spellings():
