@@ -1,31 +1,209 @@
-"""Evaluate, film, plot and fine-tune FQL runs made by fql.py.
+"""Evaluate, film, plot and fine-tune FQL runs made by fql.py, and the environments they run in.
 
   python eval.py --checkpoint runs/<run> --episodes 50        # success / return / length
   python eval.py --checkpoint runs/<run> --video_episodes 2   # also mp4 files of rollouts
   python eval.py finetune --checkpoint runs/<run> --online_steps 1000000 --eval_interval 100000
   python eval.py plot runs/run_a runs/run_b                   # PNG of success and losses
 
-Success follows OGBench: `info['success']` at the last step of an episode, averaged over episodes.
+The environments are OGBench's single-task envs and D4RL's AntMaze and Adroit rebuilt without d4rl or
+mujoco-py. Success follows OGBench: `info['success']` at the last step of an episode, averaged over episodes.
+fql.py's training loop gets its evaluation and fine-tuning from here (`train`).
 """
 import csv
 import dataclasses
+import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 
-import envs  # first: it points MuJoCo at headless rendering before anything loads MuJoCo
-import fql
-
-import gymnasium
 import numpy as np
-import torch
-import tyro
-from tqdm import tqdm
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before MuJoCo loads
+import gymnasium  # noqa: E402
+import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
+import torch  # noqa: E402
+import tyro  # noqa: E402
+from ogbench.locomaze.maze import make_maze_env  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import fql  # noqa: E402
+from fql import UsageError  # noqa: E402
 
 Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-1, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments
+# ----------------------------------------------------------------------------------------------
+def make_env(env_name: str, frame_stack: int | None = None, **kwargs) -> gymnasium.Env:
+    """The OGBench single-task or D4RL environment (no dataset needed); pixel observations stack the
+    `frame_stack` latest frames as the training data does."""
+    if frame_stack:
+        return FrameStack(make_env(env_name, **kwargs), frame_stack)
+    if env_name.startswith("antmaze") and env_name in fql.D4RL:
+        maze, goal_cell, episode_length = D4RL_MAZES[env_name.split("-")[1]]
+        return gymnasium.wrappers.TimeLimit(d4rl_antmaze_class()(maze, goal_cell, **kwargs), episode_length)
+    if env_name in fql.D4RL:
+        return make_adroit_env(env_name.split("-")[0], **kwargs)
+    return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
+
+
+def make_vector_env(env_name: str, num_envs: int, frame_stack: int | None = None) -> gymnasium.vector.VectorEnv:
+    """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
+    hold CUDA and OpenMP threads, which fork would copy in a broken state."""
+    return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name, frame_stack)] * num_envs,
+                                           context="forkserver")
+
+
+def env_shapes(env_name: str) -> tuple[tuple[int, ...], int]:
+    """(observation shape, action size) of an env; for pixel envs one frame, before stacking."""
+    env = make_env(env_name)
+    shapes = tuple(env.observation_space.shape), env.action_space.shape[0]
+    env.close()
+    return shapes
+
+
+class FrameStack(gymnasium.ObservationWrapper):
+    """Observations of the `frames` latest frames along the channels, oldest first; after a reset the
+    first frame stands in for the ones before it (as the official code and the datasets' stacking)."""
+
+    def __init__(self, env: gymnasium.Env, frames: int):
+        super().__init__(env)
+        self.frames, self.stack = frames, []
+        shape = env.observation_space.shape
+        self.observation_space = gymnasium.spaces.Box(0, 255, (*shape[:-1], shape[-1] * frames), np.uint8)
+
+    def reset(self, **kwargs):
+        observation, info = self.env.reset(**kwargs)
+        self.stack = [observation] * self.frames
+        return np.concatenate(self.stack, axis=-1), info
+
+    def observation(self, observation):
+        self.stack = self.stack[1:] + [observation]
+        return np.concatenate(self.stack, axis=-1)
+
+
+# D4RL's AntMaze evaluation mazes (its *_TEST maps): 1 wall, 0 free; the ant starts in cell (1, 1)
+U_MAZE = [[1, 1, 1, 1, 1],
+          [1, 0, 0, 0, 1],
+          [1, 1, 1, 0, 1],
+          [1, 0, 0, 0, 1],
+          [1, 1, 1, 1, 1]]
+BIG_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 0, 0, 1, 1, 0, 0, 1],
+            [1, 0, 0, 1, 0, 0, 0, 1],
+            [1, 1, 0, 0, 0, 1, 1, 1],
+            [1, 0, 0, 1, 0, 0, 0, 1],
+            [1, 0, 1, 0, 0, 1, 0, 1],
+            [1, 0, 0, 0, 1, 0, 0, 1],
+            [1, 1, 1, 1, 1, 1, 1, 1]]
+HARDEST_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+                [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+                [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
+                [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
+                [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+                [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
+                [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
+                [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+D4RL_MAZES = {"umaze": (U_MAZE, (3, 1), 700), "medium": (BIG_MAZE, (6, 6), 1000),  # map, goal cell, steps
+              "large": (HARDEST_MAZE, (7, 9), 1000)}
+
+
+@functools.cache
+def d4rl_antmaze_class() -> type:
+    """D4RL's AntMaze (v2 evaluation) on OGBench's ant, which has D4RL's ant model and coordinates. The ant
+    starts at cell (1, 1) = (0, 0) with the ant's reset noise; each episode draws the goal as D4RL does
+    (goal cell + U(0, 1) + U(0, 0.5) per axis, floored at 0); reward 1 and the end of the episode within
+    0.5 of the goal, else reward 0. (OGBench defines its maze class inside a factory, hence this function.)"""
+    ogbench_antmaze = type(make_maze_env("ant", "maze", maze_type="arena"))
+
+    class D4RLAntMaze(ogbench_antmaze):
+        def __init__(self, maze_map: list, goal_cell: tuple, **kwargs):
+            self.d4rl_map, self.goal_cell = maze_map, goal_cell
+            super().__init__(maze_type="arena", terminate_at_goal=True, success_timing="post", **kwargs)
+
+        def update_tree(self, tree):  # OGBench builds the walls from self.maze_map here
+            self.maze_map = np.array(self.d4rl_map)
+            super().update_tree(tree)
+
+        def reset(self, *, seed=None, options=None):
+            _, info = super(ogbench_antmaze, self).reset(seed=seed)  # the ant's own reset, no OGBench task
+            goal = np.array(self.ij_to_xy(self.goal_cell)) + self.np_random.uniform(0, 1, 2)
+            self.set_goal(goal_xy=np.maximum(goal + self.np_random.uniform(0, 0.5, 2), 0))
+            return self.get_ob(), info
+
+    return D4RLAntMaze
+
+
+def make_adroit_env(task: str, **kwargs) -> gymnasium.Env:
+    """gymnasium-robotics' Adroit hand with D4RL's rewards and episode lengths (pen: 100 steps, and the
+    episode ends when the pen drops, as in D4RL)."""
+    import gymnasium_robotics
+
+    gymnasium.register_envs(gymnasium_robotics)
+    env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1", max_episode_steps=100 if task == "pen" else 200,
+                         **kwargs)
+    # gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door, hammer
+    # and relocate rewards (Gymnasium-Robotics PR 220); for those versions D4RL's reward is recomputed
+    release = tuple(int(x) for x in version("gymnasium-robotics").split(".")[:3])
+    return D4RLAdroit(env, task, recompute_reward=task != "pen" and (1, 2, 1) <= release <= (1, 4, 2))
+
+
+class D4RLAdroit(gymnasium.Wrapper):
+    def __init__(self, env: gymnasium.Env, task: str, recompute_reward: bool):
+        super().__init__(env)
+        self.task, self.recompute_reward = task, recompute_reward
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        if self.task == "pen":
+            terminated = bool(self.env.unwrapped.data.xpos[self.env.unwrapped.obj_body_id][2] < 0.075)
+        if self.recompute_reward:
+            reward = d4rl_adroit_reward(self.task, self.env.unwrapped)
+        return observation, reward, terminated, truncated, info
+
+
+def d4rl_adroit_reward(task: str, env) -> float:
+    """D4RL's dense reward of the door, hammer and relocate tasks (with its bonuses) at the current state."""
+    data, sites = env.data, env.data.site_xpos
+    if task == "door":
+        door = data.qpos[env.door_hinge_addrs]
+        reward = -0.1 * np.linalg.norm(sites[env.grasp_site_id] - sites[env.handle_site_id])
+        reward += -0.1 * (door - 1.57) ** 2 - 1e-5 * np.sum(data.qvel ** 2)
+        return float(reward + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35))
+    obj, palm = data.xpos[env.obj_body_id], sites[env.S_grasp_site_id]
+    if task == "hammer":
+        tool, nail, goal = sites[env.tool_site_id], sites[env.target_obj_site_id], sites[env.goal_site_id]
+        nail_to_goal = np.linalg.norm(nail - goal)
+        reward = -0.1 * np.linalg.norm(palm - obj) - np.linalg.norm(tool - nail) - 10 * nail_to_goal
+        reward -= 1e-2 * np.linalg.norm(data.qvel)
+        return float(reward + 2 * (obj[2] > 0.04 and tool[2] > 0.04) + 25 * (nail_to_goal < 0.02)
+                     + 75 * (nail_to_goal < 0.01))
+    target = sites[env.target_obj_site_id]  # relocate
+    reward = -0.1 * np.linalg.norm(palm - obj)
+    if obj[2] > 0.04:
+        reward += 1.0 - 0.5 * np.linalg.norm(palm - target) - 0.5 * np.linalg.norm(obj - target)
+    obj_to_target = np.linalg.norm(obj - target)
+    return float(reward + 10 * (obj_to_target < 0.1) + 20 * (obj_to_target < 0.05))
+
+
+# D4RL's normalised score: 100 * (return - random) / (expert - random)
+D4RL_REFERENCE_RETURNS = {"antmaze": (0.0, 1.0), "pen": (96.262799, 3076.8331017826877),
+                          "door": (-56.512833, 2880.5693087298737), "hammer": (-274.856578, 12794.134825156867),
+                          "relocate": (-6.425911, 4233.877797728884)}
+
+
+def with_score(env_name: str, result: dict) -> dict:
+    """Add D4RL's normalised score of the mean return for D4RL environments."""
+    if env_name not in fql.D4RL:
+        return result
+    low, high = D4RL_REFERENCE_RETURNS[env_name.split("-")[0]]
+    return dict(result, score=100 * (result["return"] - low) / (high - low))
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +259,27 @@ def evaluate_parallel(policy: Policy, vector_env: gymnasium.vector.VectorEnv, ep
     return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
 
 
+class Evaluator:
+    """`evaluate(policy, seed)` for fql.train: evaluate_parallel on one vector env (one worker per core, at
+    most eval_episodes), started at the first evaluation and closed when the `with` block ends."""
+
+    def __init__(self, cfg: fql.Config):
+        self.cfg, self.vector_env = cfg, None
+
+    def __call__(self, policy: Policy, seed: int) -> dict:
+        if self.vector_env is None:
+            self.vector_env = make_vector_env(self.cfg.env, min(self.cfg.eval_episodes, os.cpu_count()),
+                                              self.cfg.frame_stack)
+        return with_score(self.cfg.env, evaluate_parallel(policy, self.vector_env, self.cfg.eval_episodes, seed))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.vector_env is not None:
+            self.vector_env.close()
+
+
 def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, directory: str, frame_skip: int,
                   frame_stack: int | None = None) -> list:
     """Render `episodes` episodes offscreen (every `frame_skip`-th frame) into mp4 files; pixel envs
@@ -89,7 +288,7 @@ def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, direc
 
     size = {} if env_name.startswith("visual-") else dict(width=256, height=256)
     try:
-        env = envs.make_env(env_name, frame_stack, render_mode="rgb_array", **size)
+        env = make_env(env_name, frame_stack, render_mode="rgb_array", **size)
         env.reset(seed=seed)
         env.render()
     except Exception as err:  # MuJoCo raises several types when no OpenGL platform loads
@@ -161,7 +360,7 @@ class ReplayBuffer:
 
 def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int) -> dict:
     """Half of the batch from the offline dataset, half from the online transitions."""
-    first, second = envs.sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
+    first, second = fql.sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
     return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
@@ -189,6 +388,43 @@ class OnlineCollector:
             self.episode_return, self.episode_length = 0.0, 0
 
 
+class Finetuning:
+    """The environment side of offline-to-online fine-tuning, for fql.train: one environment, a replay
+    buffer that starts with the offline data (or beside it, with --balanced_sampling) and the collector."""
+
+    def __init__(self, cfg: fql.Config, train_data: dict):
+        self.cfg, self.env, self.collector = cfg, make_env(cfg.env), None
+        if cfg.balanced_sampling:
+            self.buffer = ReplayBuffer({k: v[:0] for k, v in train_data.items()}, cfg.buffer_size)
+            self.sample = functools.partial(sample_balanced, train_data, self.buffer)
+        else:  # the official layout: the offline data, then online transitions appended
+            self.buffer = ReplayBuffer(train_data, cfg.buffer_size)
+            self.sample = self.buffer.sample
+
+    def collect(self, policy: Policy):
+        if self.collector is None:  # a new episode after a start or a resumption
+            # the official code shifts D4RL antmaze rewards online as it does offline
+            reward_shift = -1.0 if self.cfg.env in fql.D4RL and self.cfg.env.startswith("antmaze") else 0.0
+            self.collector = OnlineCollector(self.env, seed=self.cfg.seed + self.buffer.added, reward_shift=reward_shift)
+        self.collector.step(policy, self.buffer)
+
+    def log(self) -> dict:
+        return {**self.collector.last_episode, "exploration/buffer_size": self.buffer.count}
+
+    def state_dict(self) -> dict:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.buffer.load_state_dict(state)
+
+
+def train(cfg: fql.Config, init_checkpoint: str | None = None) -> fql.FQLAgent:
+    """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
+    cfg = fql.resolve_config(cfg)
+    with Evaluator(cfg) as evaluate:
+        return fql.train(cfg, evaluate, Finetuning, init_checkpoint)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +433,7 @@ def checkpoint_path(path: str) -> str:
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise envs.UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or the file")
+        raise UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or the file")
     return path
 
 
@@ -228,12 +464,12 @@ def plot_runs(run_dirs: list, output: str):
     import matplotlib.pyplot as plt
 
     if not run_dirs:
-        raise envs.UsageError("give one or more run folders to plot")
+        raise UsageError("give one or more run folders to plot")
     groups = {}
     for run in run_dirs:
         config_file = os.path.join(run, "config.json")
         if not os.path.isfile(config_file):
-            raise envs.UsageError(f"{run} is not an fql.py run folder (no config.json)")
+            raise UsageError(f"{run} is not an fql.py run folder (no config.json)")
         with open(config_file) as f:
             config = {k: v for k, v in json.load(f).items() if k not in NOT_CONFIG}
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
@@ -269,54 +505,6 @@ def read_curve(path: str, metric: str) -> dict:
         return {}
     with open(path, newline="") as f:
         return {int(r["step"]): float(r[metric]) for r in csv.DictReader(f) if r.get(metric)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: the training step in each execution mode, on random data
-# ----------------------------------------------------------------------------------------------
-def benchmark(cfg: fql.Config, repeats: int = 3):
-    """`python fql.py --benchmark`: median updates/s of `repeats` timings of the training step after warm-up,
-    in each execution mode, on random data with the env's shapes and the config's networks."""
-    cfg = fql.resolve_config(cfg)
-    env = envs.make_env(cfg.env)
-    shape, action_dim = env.observation_space.shape, env.action_space.shape[0]
-    env.close()
-    rng, n = np.random.default_rng(cfg.seed), 100_000 if len(shape) == 1 else 10_000
-    if len(shape) == 1:
-        dataset = dict(observations=rng.normal(size=(n, *shape)), next_observations=rng.normal(size=(n, *shape)))
-    else:  # compact frames, as pixel datasets are stored
-        dataset = dict(observations=rng.integers(0, 256, (n, *shape), dtype=np.uint8), valids=np.arange(n) < n - 1)
-    dataset.update(actions=rng.uniform(-1, 1, (n, action_dim)), rewards=-rng.integers(0, 2, n), masks=np.ones(n))
-    data = envs.to_device(dataset, cfg.device)
-    observation_shape = envs.stacked_shape(data, cfg.frame_stack)
-    on_cuda = torch.device(cfg.device).type == "cuda"
-    if on_cuda:
-        torch.set_float32_matmul_precision("high")  # as in training
-    device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
-    updates = 1000 if on_cuda else 20
-    modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
-    if on_cuda:
-        modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
-    print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch {cfg.batch_size}, "
-          f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
-          f"torch {torch.__version__}")
-    for name, flags in modes.items():
-        mode_cfg = dataclasses.replace(cfg, **flags)
-        torch.manual_seed(cfg.seed)
-        agent = fql.FQLAgent(fql.FQLNetworks(observation_shape, action_dim, mode_cfg).to(cfg.device), mode_cfg)
-        step = fql.make_train_step(agent, envs.make_sampler(data, cfg.frame_stack, cfg.p_aug))
-        rates, start = [], time.perf_counter()
-        for _ in range(3):  # warm-up: compilation and graph recording happen here
-            step(False)
-        step(True)["critic/critic_loss"].item()  # waits for the device
-        warmup = time.perf_counter() - start
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(updates - 1):
-                step(False)
-            step(True)["critic/critic_loss"].item()
-            rates.append(updates / (time.perf_counter() - start))
-        print(f"{name:<22} {np.median(rates):9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,21 +566,21 @@ class PlotArgs:
 
 def run_evaluation(args: EvalArgs) -> dict:
     if args.episodes <= 0 or args.video_episodes < 0 or args.frame_skip <= 0:
-        raise envs.UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
+        raise UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
     path = checkpoint_path(args.checkpoint)
     agent, state = load_agent(path, args.device)
-    env_name = envs.resolve_env(args.env)[0] if args.env else agent.cfg.env
-    probe = envs.make_env(env_name, agent.cfg.frame_stack)
+    env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env
+    probe = make_env(env_name, agent.cfg.frame_stack)
     shapes = (tuple(probe.observation_space.shape), probe.action_space.shape[0])
     probe.close()
     if shapes != (tuple(state["observation_shape"]), state["action_dim"]):
-        raise envs.UsageError(f"{path} was trained on {agent.cfg.env} (observation {tuple(state['observation_shape'])}"
+        raise UsageError(f"{path} was trained on {agent.cfg.env} (observation {tuple(state['observation_shape'])}"
                              f", action {state['action_dim']}); {env_name} has observation {shapes[0]}, action "
                              f"{shapes[1]}")
-    vector_env = envs.make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()),
+    vector_env = make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()),
                                       agent.cfg.frame_stack)
     with tqdm(total=args.episodes, unit="episode") as progress:
-        result = envs.with_score(env_name, evaluate_parallel(agent.act, vector_env, args.episodes, args.seed, progress))
+        result = with_score(env_name, evaluate_parallel(agent.act, vector_env, args.episodes, args.seed, progress))
     vector_env.close()
     result = dict(result, env=env_name, episodes=args.episodes, seed=args.seed, step=state["step"], checkpoint=path)
     run_dir = os.path.dirname(path)
@@ -413,7 +601,7 @@ def run_finetune(args: FinetuneArgs) -> fql.FQLAgent:
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(path)) + "-finetune"
     overrides = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
     cfg = fql.Config(**{**saved["config"], **overrides, "run_dir": run_dir, "offline_steps": saved["step"]})
-    return fql.train(cfg, init_checkpoint=path)
+    return train(cfg, init_checkpoint=path)
 
 
 def main(argv: list[str] | None = None):
@@ -429,7 +617,7 @@ def main(argv: list[str] | None = None):
             return run_finetune(tyro.cli(FinetuneArgs, args=rest, use_underscores=True, prog="eval.py finetune"))
         else:
             return run_evaluation(tyro.cli(EvalArgs, args=rest, use_underscores=True, description=__doc__))
-    except envs.UsageError as err:
+    except UsageError as err:
         sys.exit(f"eval.py: error: {err}")
 
 

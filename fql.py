@@ -1,4 +1,4 @@
-"""Flow Q-Learning (FQL) in one PyTorch file.
+"""Flow Q-Learning (FQL) in one PyTorch file: the whole training side, from the datasets to the loop.
 
 Paper: Park, Li, Levine. "Flow Q-Learning", ICML 2025. https://arxiv.org/abs/2502.02538
 Official JAX code (whose numbers are the paper's): https://github.com/seohongpark/fql
@@ -16,7 +16,9 @@ Examples:
   python fql.py --env ogbench-cube-double --online_steps 1000000   # then offline-to-online fine-tuning
   python fql.py --env ogbench-cube-single --resume          # continue a killed run
   python fql.py --benchmark                                # updates/s of the training step
-Env names, datasets and environments: envs.py. Evaluation, videos, plots, fine-tuning of saved runs: eval.py.
+This file imports only numpy, torch, tyro and tqdm at the top, so it can be copied alone; ogbench and h5py
+are imported where the datasets are read. eval.py (environments, evaluation, videos, plots, fine-tuning)
+builds on it; `main` hands the training loop eval.py's evaluation when it is there.
 """
 import copy
 import csv
@@ -25,9 +27,12 @@ import functools
 import json
 import math
 import os
-import platform
+import re
+import shutil
+import socket
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +43,9 @@ import tyro
 from torch import nn
 from tqdm import tqdm
 
-import envs  # env names and settings, datasets and batch sampling, environments
-from envs import UsageError
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, without a traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,14 +122,75 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Defaults: the official agent's, then the paper's per-env settings (envs.ENVS, envs.D4RL)
+# Env names and per-env defaults (the paper's hyperparameter tables; the official README)
 # ----------------------------------------------------------------------------------------------
-DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)
+DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)  # the official agent's
+
+# alias: (OGBench dataset, default task, alpha, extra flags)
+ENVS = {
+    "antmaze-large": ("antmaze-large-navigate", 1, 10, dict(q_agg="min")),
+    "antmaze-giant": ("antmaze-giant-navigate", 1, 10, dict(discount=0.995, q_agg="min")),
+    "humanoidmaze-medium": ("humanoidmaze-medium-navigate", 1, 30, dict(discount=0.995)),
+    "humanoidmaze-large": ("humanoidmaze-large-navigate", 1, 30, dict(discount=0.995)),
+    "antsoccer-arena": ("antsoccer-arena-navigate", 4, 10, dict(discount=0.995)),
+    "cube-single": ("cube-single-play", 2, 300, {}),
+    "cube-double": ("cube-double-play", 2, 300, {}),
+    "scene": ("scene-play", 2, 300, {}),
+    "puzzle-3x3": ("puzzle-3x3-play", 4, 1000, {}),
+    "puzzle-4x4": ("puzzle-4x4-play", 4, 1000, {}),
+    **{f"visual-{env}": (f"visual-{env}-play", 1, alpha, dict(encoder="impala_small", frame_stack=3, p_aug=0.5,
+                                                               offline_steps=500_000))
+       for env, alpha in {"cube-single": 300, "cube-double": 100, "scene": 100, "puzzle-3x3": 300,
+                          "puzzle-4x4": 300}.items()},
+}
+
+# D4RL: name -> (d4rl's file name, alpha, extra flags); the official README's settings, 500K steps
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
+ANTMAZE_FILE = "ant_maze_v2/Ant_maze_{}_noisy_multistart_{}_multigoal_{}_sparse_fixed.hdf5"
+D4RL = {
+    "antmaze-umaze-v2": (ANTMAZE_FILE.format("u-maze", False, False), 10, {}),
+    "antmaze-umaze-diverse-v2": (ANTMAZE_FILE.format("u-maze", True, True), 10, {}),
+    "antmaze-medium-play-v2": (ANTMAZE_FILE.format("big-maze", True, False), 10, {}),
+    "antmaze-medium-diverse-v2": (ANTMAZE_FILE.format("big-maze", True, True), 10, {}),
+    "antmaze-large-play-v2": (ANTMAZE_FILE.format("hardest-maze", True, False), 3, {}),
+    "antmaze-large-diverse-v2": (ANTMAZE_FILE.format("hardest-maze", True, True), 3, {}),
+    **{f"{task}-{kind}-v1": (f"hand_dapg_v1/{task}-{kind}-v1.hdf5", alpha, dict(q_agg="min"))
+       for task, alphas in dict(pen=(10000, 10000, 3000), door=(30000, 30000, 30000),
+                                hammer=(30000, 10000, 30000), relocate=(10000, 30000, 30000)).items()
+       for kind, alpha in zip(("human", "cloned", "expert"), alphas, strict=True)},
+}
+
+
+def resolve_env(name: str) -> tuple[str, dict]:
+    """Map a user's env name to (full OGBench single-task or D4RL name, per-env defaults)."""
+    for d4rl_name, (_, alpha, extra) in D4RL.items():
+        if name in (d4rl_name, "d4rl-" + d4rl_name.rsplit("-", 1)[0]):
+            return d4rl_name, dict(alpha=alpha, offline_steps=500_000, **extra)
+    alias = re.fullmatch(r"ogbench-(.+?)(?:-task(\d+))?", name)
+    if alias and alias[1] in ENVS:
+        dataset, default_task, alpha, extra = ENVS[alias[1]]
+        name = f"{dataset}-singletask-task{alias[2] or default_task}-v0"
+    full = re.fullmatch(r"(.+)-(\w+)-singletask(?:-task(\d+))?-v0", name)
+    if full and full[3] and not 1 <= int(full[3]) <= 5:
+        raise UsageError(f"{name}: OGBench single-task envs have tasks 1 to 5")
+    if full:
+        for dataset, _, alpha, extra in ENVS.values():
+            if dataset == f"{full[1]}-{full[2]}":
+                return name, dict(alpha=alpha, **extra)
+        import gymnasium
+        import ogbench  # noqa: F401  (registers OGBench's environments with gymnasium)
+
+        if f"{full[1]}-singletask{'-task' + full[3] if full[3] else ''}-v0" in gymnasium.registry:
+            return name, {}  # another OGBench dataset: the official defaults
+    valid = ", ".join(f"ogbench-{a}" for a in ENVS)
+    d4rl = ", ".join("d4rl-" + n.rsplit("-", 1)[0] for n in D4RL)
+    raise UsageError(f"unknown env {name!r}. Valid: {valid} (add -task1..-task5 for another task), "
+                     f"a full OGBench single-task name such as cube-single-play-singletask-task2-v0, or {d4rl}")
 
 
 def resolve_config(cfg: Config) -> Config:
     """Fill the per-environment defaults the user did not set, then check the config."""
-    env_name, env_defaults = envs.resolve_env(cfg.env)
+    env_name, env_defaults = resolve_env(cfg.env)
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
               for k, v in {**DEFAULTS, **env_defaults}.items()}
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,72 +212,142 @@ def resolve_config(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Layers: Linear (through oneDNN on x86 CPUs) and GELU
+# Datasets: OGBench and D4RL, moved to the device once; batches are sampled there
 # ----------------------------------------------------------------------------------------------
-# PyTorch's CPU build multiplies float32 matrices with MKL, which picks slower code on non-Intel
-# processors: on an AMD EPYC it reaches about 200 GFLOP/s where oneDNN, also inside PyTorch, reaches 450,
-# and the matmuls are most of an FQL update. So on x86 CPUs the Linear layers call oneDNN through a
-# custom op (torch.compile treats it as one opaque kernel); elsewhere, GPUs included, they call F.linear.
-USE_ONEDNN = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # a private op: fall back if it goes away
+ACTION_CLIP = 1 - 1e-5  # dataset actions are clipped so the flow never has to reach exactly +-1
 
 
-@torch.library.custom_op("fql::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for a 2-D float32 x and weight (out, in), as F.linear, computed by oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def load_datasets(env_name: str, dataset_dir: str) -> tuple[dict, dict | None]:
+    """(train, validation) transitions of the env's dataset, with rewards and masks for its task;
+    D4RL has no validation split."""
+    if env_name in D4RL:
+        return load_d4rl(env_name), None
+    splits = env_name.split("-")
+    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])
+    dataset_dir = os.path.expanduser(dataset_dir)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for pixel envs; set before MuJoCo loads
+    import ogbench
+
+    files = [f"{dataset_name}.npz", f"{dataset_name}-val.npz"]
+    if not all(os.path.exists(os.path.join(dataset_dir, f)) for f in files):
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)  # a blocked network should fail, not hang forever
+        try:
+            ogbench.download_datasets([dataset_name], dataset_dir)
+        except OSError as err:
+            raise UsageError(f"dataset files {files[0]} and {files[1]} are not in {dataset_dir} and could not be "
+                             f"downloaded ({err}). Copy them there, or pass --dataset_dir DIR.") from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    # Pixel datasets stay compact (each frame once, s' = the next row), not doubled by next_observations
+    env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir,
+                                                    compact_dataset=env_name.startswith("visual-"))
+    env.close()  # the env relabels the rewards for its task; eval.py makes its own to step
+    return train, val
 
 
-@onednn_linear.register_fake  # the output's shape, for torch.compile's tracing
-def _onednn_linear_shape(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def load_d4rl(name: str) -> dict:
+    """Transitions of a D4RL dataset read from d4rl's own hdf5 file (no d4rl, no mujoco-py): converted as
+    d4rl.qlearning_dataset does, then post-processed as the official FQL code does."""
+    import h5py
+
+    directory = os.path.expanduser(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets"))
+    url = D4RL_URL + D4RL[name][0]
+    path = os.path.join(directory, os.path.basename(url))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            print(f"downloading {url}")
+            with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
+                shutil.copyfileobj(response, f)
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            raise UsageError(f"D4RL file {os.path.basename(path)} is not in {directory} and could not be downloaded "
+                             f"({err}). Download {url} into that folder (or set D4RL_DATASET_DIR).") from None
+    with h5py.File(path, "r") as f:
+        if "timeouts" not in f:
+            raise UsageError(f"{path} has no 'timeouts'; the D4RL v2 antmaze and v1 adroit files have them")
+        observations, actions = f["observations"][:].astype(np.float32), f["actions"][:].astype(np.float32)
+        rewards, dones, timeouts = f["rewards"][:].astype(np.float32), f["terminals"][:], f["timeouts"][:]
+
+    # d4rl.qlearning_dataset: transition i goes to i + 1; the last step of a timed-out episode is dropped
+    keep = ~timeouts[:-1].astype(bool)
+    dataset = dict(observations=observations[:-1][keep], actions=actions[:-1][keep], rewards=rewards[:-1][keep],
+                   next_observations=observations[1:][keep], masks=1.0 - dones[:-1][keep].astype(np.float32))
+    # Official FQL: an episode ends where the next transition does not start from this one's next
+    # observation (or, for adroit, at a terminal); antmaze rewards shift from {0, 1} to {-1, 0}
+    breaks = np.linalg.norm(dataset["observations"][1:] - dataset["next_observations"][:-1], axis=-1) > 1e-6
+    if not name.startswith("antmaze"):
+        breaks |= dones[:-1][keep][:-1].astype(bool)
+    dataset["terminals"] = np.append(breaks, True).astype(np.float32)
+    if name.startswith("antmaze"):
+        dataset["rewards"] = dataset["rewards"] - 1.0
+    return dataset
 
 
-def _onednn_linear_save(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
+def to_device(dataset: dict, device) -> dict:
+    """Keep what the update needs on the device: float32 transitions, or for a compact pixel dataset the
+    uint8 frames with the rows that start a transition and the first row of each row's episode."""
+    keys = ("actions", "rewards", "masks") + (("observations", "next_observations") if "valids" not in dataset else ())
+    data = {k: torch.as_tensor(np.asarray(dataset[k], dtype=np.float32), device=device) for k in keys}
+    data["actions"] = data["actions"].clamp(-ACTION_CLIP, ACTION_CLIP)
+    if "valids" in dataset:
+        rows = np.arange(len(dataset["valids"]))
+        starts = np.concatenate([[True], dataset["valids"][:-1] == 0])  # a row after an episode's last frame
+        data["observations"] = torch.as_tensor(dataset["observations"], device=device)  # uint8, not copied again
+        data["valid_rows"] = torch.as_tensor(np.flatnonzero(dataset["valids"]), device=device)
+        data["episode_start"] = torch.as_tensor(np.maximum.accumulate(np.where(starts, rows, 0)), device=device)
+    return data
 
 
-def _onednn_linear_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    needs_x, needs_weight, needs_bias = ctx.needs_input_grad  # frozen weights and data inputs need none
-    grad_x = onednn_linear(grad, weight.t(), None) if needs_x else None  # grad @ weight
-    # grad.T @ x; oneDNN runs this a quarter faster with the left operand copied to a dense layout
-    grad_weight = onednn_linear(grad.t().contiguous(), x.t(), None) if needs_weight else None
-    return grad_x, grad_weight, grad.sum(0) if needs_bias else None
+def sample_batch(data: dict, batch_size: int) -> dict:
+    """Uniform transitions, indexed on the device (no host-to-device copy per step)."""
+    n = data["observations"].shape[0]
+    idx = torch.randint(n, (batch_size,), device=data["observations"].device)
+    return {k: v[idx] for k, v in data.items()}
 
 
-onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_save)
+def sample_pixels(data: dict, batch_size: int, frame_stack: int, p_aug: float) -> dict:
+    """Uniform transitions of a compact pixel dataset: s stacks the frame_stack latest frames (oldest
+    first along the channels, the episode's first frame repeated before it starts) and s' the same one
+    row later. With probability p_aug the batch is randomly shifted, as the official code does."""
+    idx = data["valid_rows"][torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device)]
+    start = data["episode_start"][idx]
+    batch = {k: data[k][idx] for k in ("actions", "rewards", "masks")}
+    for key, last in (("observations", idx), ("next_observations", idx + 1)):
+        frames = [data["observations"][torch.maximum(last - k, start)] for k in reversed(range(frame_stack))]
+        batch[key] = torch.cat(frames, dim=-1)
+    if p_aug:
+        batch["observations"], batch["next_observations"] = random_shift(
+            batch["observations"], batch["next_observations"], p_aug)
+    return batch
 
 
-def on_onednn(x: torch.Tensor) -> bool:
-    return USE_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_aug: float, pad: int = 3):
+    """With probability p_aug, shift each image by up to `pad` pixels (edge padding then a crop back to the
+    image size), s and s' of a sample by the same offset and each sample by its own, as the official code.
+    Both branches are computed and one is kept, so a recorded CUDA graph stays valid."""
+    batch, height, width = observations.shape[:3]
+    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=observations.device) - pad
+    rows = (torch.arange(height, device=observations.device) + offsets[:, :1]).clamp(0, height - 1)
+    cols = (torch.arange(width, device=observations.device) + offsets[:, 1:]).clamp(0, width - 1)
+    apply = torch.rand((), device=observations.device) < p_aug
+    samples = torch.arange(batch, device=observations.device)[:, None, None]
+    return [torch.where(apply, images[samples, rows[:, :, None], cols[:, None, :]], images)
+            for images in (observations, next_observations)]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, through oneDNN for float32 on x86 CPUs (see above)."""
-    if not on_onednn(x):
-        return F.linear(x, weight, bias)
-    return onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+def stacked_shape(data: dict, frame_stack: int | None) -> tuple[int, ...]:
+    """The shape of one observation as the networks see it: pixel frames stacked along the channels."""
+    shape = tuple(data["observations"].shape[1:])
+    return (*shape[:-1], shape[-1] * frame_stack) if "valid_rows" in data else shape
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict) that calls `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """flax's nn.gelu (tanh approximation), 0.5 x (1 + tanh(y)) with y = sqrt(2/pi) (x + 0.044715 x^3),
-    written as x * sigmoid(2y): the same function to float32 rounding, but exp is cheaper than tanh
-    in the CPU kernels torch.compile generates (a compiled CPU update is about 13% faster)."""
-    return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
-
-
-class GELUTanh(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu_tanh(x)
+def make_sampler(data: dict, frame_stack: int | None = None, p_aug: float | None = None):
+    """`sample(batch_size) -> batch` for the dataset's layout (frame_stack and p_aug: pixels only)."""
+    if "valid_rows" in data:
+        return functools.partial(sample_pixels, data, frame_stack=frame_stack, p_aug=p_aug)
+    return functools.partial(sample_batch, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +386,7 @@ class ImpalaEncoder(nn.Module):
             stacks.append(ResnetStack(channels, stack_width, blocks))
             channels, height, width = stack_width, (height + 1) // 2, (width + 1) // 2
         self.stacks = nn.Sequential(*stacks)
-        self.head = Linear(channels * height * width, features)
+        self.head = nn.Linear(channels * height * width, features)
         for layer in self.modules():
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(layer.weight)
@@ -258,7 +395,7 @@ class ImpalaEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (..., H, W, C) -> (..., features)
         x = images.reshape(-1, *images.shape[-3:]).float().div(255).movedim(-1, 1)
         x = F.relu(self.stacks(x)).flatten(1)
-        return gelu_tanh(self.head(x)).reshape(*images.shape[:-3], -1)
+        return F.gelu(self.head(x), approximate="tanh").reshape(*images.shape[:-3], -1)
 
 
 def make_encoder(observation_shape: tuple[int, ...], cfg: Config) -> tuple[nn.Module, int]:
@@ -269,18 +406,19 @@ def make_encoder(observation_shape: tuple[int, ...], cfg: Config) -> tuple[nn.Mo
 
 
 class MLP(nn.Module):
-    """Hidden layers Linear -> GELU(tanh), then a plain Linear output; Xavier-uniform weights everywhere,
-    zero biases (flax's MLP in the official code, without LayerNorm for the actors). The observation,
-    the first input, goes through `encoder` first, unless it comes `encoded` already."""
+    """Hidden layers Linear -> GELU (tanh approximation, flax's nn.gelu), then a plain Linear output;
+    Xavier-uniform weights everywhere, zero biases (flax's MLP in the official code, without LayerNorm
+    for the actors). The observation, the first input, goes through `encoder` first, unless it comes
+    `encoded` already."""
 
     def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, encoder: nn.Module = None):
         super().__init__()
         self.encoder = encoder if encoder is not None else nn.Identity()
         layers, dim = [], in_dim
         for width in hidden_dims:
-            layers += [Linear(dim, width), GELUTanh()]
+            layers += [nn.Linear(dim, width), nn.GELU(approximate="tanh")]
             dim = width
-        layers.append(Linear(dim, out_dim))
+        layers.append(nn.Linear(dim, out_dim))
         self.net = nn.Sequential(*layers)
         for layer in self.net:
             if isinstance(layer, nn.Linear):
@@ -302,12 +440,7 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, in) or (members, batch, in)
-        if not on_onednn(x):
-            return x @ self.weight + self.bias  # -> (members, batch, out)
-        # oneDNN's linear takes one 2-D weight: one call per member
-        inputs = x.unbind(0) if x.dim() == 3 else [x] * len(self.weight)
-        return torch.stack([onednn_linear(member_x, weight.t(), bias[0])
-                            for member_x, weight, bias in zip(inputs, self.weight, self.bias)])
+        return x @ self.weight + self.bias  # -> (members, batch, out)
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -333,7 +466,7 @@ class Critic(nn.Module):
         self.encoder = encoder if encoder is not None else nn.Identity()
         layers, dim = [], feature_dim + action_dim
         for width in hidden_dims:
-            layers += [EnsembleLinear(members, dim, width), GELUTanh(),
+            layers += [EnsembleLinear(members, dim, width), nn.GELU(approximate="tanh"),
                        EnsembleLayerNorm(members, width)]
             dim = width
         layers.append(EnsembleLinear(members, dim, 1))
@@ -536,11 +669,11 @@ RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", 
                      "benchmark"}
 
 
-def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, buffer=None):
+def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, online_state: dict | None = None):
     """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact.
-    `buffer`: the fine-tuning replay buffer (eval.ReplayBuffer), whose online transitions travel along."""
+    `online_state`: fine-tuning's replay buffer (its online transitions), which travels along."""
     state = dict(agent.state_dict(), step=step, config=dataclasses.asdict(cfg), action_dim=agent.action_dim,
-                 observation_shape=agent.observation_shape, buffer=buffer.state_dict() if buffer else None, rng=dict(
+                 observation_shape=agent.observation_shape, buffer=online_state, rng=dict(
                      torch=torch.get_rng_state(), numpy=np.random.get_state(),
                      cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     tmp = path + ".tmp"
@@ -548,8 +681,8 @@ def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, buffer=N
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, buffer=None) -> int:
-    """Restore a killed run: networks, optimiser, RNG states and the fine-tuning buffer; returns its step."""
+def load_checkpoint(path: str, agent: FQLAgent, cfg: Config) -> dict:
+    """Restore a killed run: networks, optimiser and RNG states; returns the checkpoint (its step, buffer)."""
     if not os.path.exists(path):
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume, or pass the run's --run_dir")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -559,13 +692,11 @@ def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, buffer=None) -> int
         raise UsageError(f"--resume: this command differs from the checkpoint's run in {', '.join(changed)}; "
                          "give the same flags as the original run")
     agent.load_state_dict(state)
-    if buffer is not None and state["buffer"] is not None:
-        buffer.load_state_dict(state["buffer"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state
 
 
 class CSVLog:
@@ -592,12 +723,16 @@ class CSVLog:
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
-def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
-    """Offline training, then online fine-tuning if --online_steps. `init_checkpoint` starts from a saved
-    agent (networks, optimiser, step) instead of from scratch: eval.py finetune uses it."""
-    import eval  # imported here because eval.py builds on this file
-
+def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | None = None) -> FQLAgent:
+    """Offline training, then, with --online_steps, online fine-tuning. The environment side comes from
+    outside (eval.py gives both; fql.py alone trains offline without evaluation):
+      evaluate(policy, seed) -> {"success", "return", "length", ...}: episodes of `policy` in the env;
+      finetuning(cfg, train_data) -> an object with collect(policy) (one env step into its replay buffer),
+        sample(batch_size), log() (a dict for train.csv), state_dict() and load_state_dict().
+    `init_checkpoint` starts from a saved agent (networks, optimiser, step): eval.py finetune uses it."""
     cfg = resolve_config(cfg)
+    if cfg.online_steps and finetuning is None:
+        raise UsageError("--online_steps needs eval.py beside fql.py: it steps the environment")
     ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
     if not cfg.resume and os.path.exists(ckpt_path):
         raise UsageError(f"{cfg.run_dir} already holds a run; add --resume to continue it, "
@@ -607,30 +742,24 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
     if cfg.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX uses by default on GPU
 
-    if cfg.env in envs.D4RL:  # D4RL has no validation split
-        env, train_set, val_set = envs.make_env(cfg.env), envs.load_d4rl(cfg.env), None
-    else:
-        env, train_set, val_set = envs.load_ogbench(cfg.env, cfg.dataset_dir)
-    train_data = envs.to_device(train_set, cfg.device)
-    val_data = envs.to_device(val_set, cfg.device) if val_set else None
-    observation_shape, action_dim = envs.stacked_shape(train_data, cfg.frame_stack), train_data["actions"].shape[1]
+    train_set, val_set = load_datasets(cfg.env, cfg.dataset_dir)
+    train_data = to_device(train_set, cfg.device)
+    val_data = to_device(val_set, cfg.device) if val_set else None
+    observation_shape, action_dim = stacked_shape(train_data, cfg.frame_stack), train_data["actions"].shape[1]
     agent = FQLAgent(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device), cfg)
-    offline_step = make_train_step(agent, envs.make_sampler(train_data, cfg.frame_stack, cfg.p_aug))
-    buffer = online_step = None
-    if cfg.online_steps:  # the official layout: the offline data, then online transitions appended
-        if cfg.balanced_sampling:
-            buffer = eval.ReplayBuffer({k: v[:0] for k, v in train_data.items()}, cfg.buffer_size)
-            online_step = make_train_step(agent, functools.partial(eval.sample_balanced, train_data, buffer))
-        else:
-            buffer = eval.ReplayBuffer(train_data, cfg.buffer_size)
-            online_step = make_train_step(agent, buffer.sample)
+    offline_step = make_train_step(agent, make_sampler(train_data, cfg.frame_stack, cfg.p_aug))
+    online = finetuning(cfg, train_data) if cfg.online_steps else None
+    online_step = make_train_step(agent, online.sample) if online else None
 
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     start = 0
     if cfg.resume:
-        start = load_checkpoint(ckpt_path, agent, cfg, buffer)
+        state = load_checkpoint(ckpt_path, agent, cfg)
+        start = state["step"]
+        if online and state["buffer"] is not None:
+            online.load_state_dict(state["buffer"])
     elif init_checkpoint:
         state = torch.load(init_checkpoint, map_location="cpu", weights_only=False)
         agent.load_state_dict(state)
@@ -644,10 +773,6 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
         except ImportError:
             raise UsageError("--wandb_project needs wandb: pip install wandb") from None
         wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg))
-    eval_envs = None
-    if cfg.eval_interval:
-        eval_envs = envs.make_vector_env(cfg.env, min(cfg.eval_episodes, os.cpu_count()), cfg.frame_stack)
-    collector = None
 
     total_steps = cfg.offline_steps + cfg.online_steps
     print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {observation_shape}, action "
@@ -660,23 +785,19 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
         if step <= cfg.offline_steps:
             metrics = offline_step(with_metrics=log_now)
         else:  # fine-tuning: one environment step, then one update on the growing buffer
-            if collector is None:
-                # the official code shifts D4RL antmaze rewards online as it does offline
-                reward_shift = -1.0 if cfg.env in envs.D4RL and cfg.env.startswith("antmaze") else 0.0
-                collector = eval.OnlineCollector(env, seed=cfg.seed + step, reward_shift=reward_shift)
-            collector.step(agent.act, buffer)
+            online.collect(agent.act)
             metrics = online_step(with_metrics=log_now)
 
         if log_now:  # the only host synchronisation between steps
             row = {"step": step, **{k: v.item() for k, v in metrics.items()}}
             if val_data is not None:
                 with torch.no_grad():
-                    val_batch = envs.make_sampler(val_data, cfg.frame_stack, p_aug=0)(cfg.batch_size)
+                    val_batch = make_sampler(val_data, cfg.frame_stack, p_aug=0)(cfg.batch_size)
                     val_noise = draw_noise(cfg.batch_size, action_dim, cfg.device)
                     _, val_metrics = fql_losses(agent.nets, val_batch, val_noise, cfg, with_metrics=True)
                 row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
-            if collector is not None:
-                row.update(collector.last_episode, **{"exploration/buffer_size": buffer.count})
+            if step > cfg.offline_steps:
+                row.update(online.log())
             row["time/updates_per_sec"] = (step - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), step
             if not all(math.isfinite(v) for v in row.values()):
@@ -686,9 +807,8 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
             if wandb:
                 wandb.log(row, step=step)
 
-        if eval_envs and (step % cfg.eval_interval == 0 or step == total_steps):
-            result = envs.with_score(cfg.env, eval.evaluate_parallel(agent.act, eval_envs, cfg.eval_episodes,
-                                                                     seed=cfg.seed + step))
+        if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total_steps):
+            result = evaluate(agent.act, seed=cfg.seed + step)
             eval_log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
             progress.write(f"step {step}: success {result['success']:.3f}, return {result['return']:.1f}")
             if wandb:
@@ -696,21 +816,76 @@ def train(cfg: Config, init_checkpoint: str | None = None) -> FQLAgent:
             last_time = time.time()  # evaluation time does not count against updates/s
 
         if step % cfg.save_interval == 0 or step == total_steps:
-            save_checkpoint(ckpt_path, agent, step, cfg, buffer if step > cfg.offline_steps else None)
+            save_checkpoint(ckpt_path, agent, step, cfg, online.state_dict() if step > cfg.offline_steps else None)
     progress.close()
-    if eval_envs:
-        eval_envs.close()
     return agent
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark: the training step in each execution mode, on random data
+# ----------------------------------------------------------------------------------------------
+def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, repeats: int = 3):
+    """`python fql.py --benchmark`: median updates/s of `repeats` timings of the training step after warm-up,
+    in each execution mode, on random data with the env's shapes (one raw frame for pixels) and the
+    config's networks."""
+    cfg = resolve_config(cfg)
+    rng, n = np.random.default_rng(cfg.seed), 100_000 if len(observation_shape) == 1 else 10_000
+    if len(observation_shape) == 1:
+        dataset = dict(observations=rng.normal(size=(n, *observation_shape)),
+                       next_observations=rng.normal(size=(n, *observation_shape)))
+    else:  # compact frames, as pixel datasets are stored
+        dataset = dict(observations=rng.integers(0, 256, (n, *observation_shape), dtype=np.uint8),
+                       valids=np.arange(n) < n - 1)
+    dataset.update(actions=rng.uniform(-1, 1, (n, action_dim)), rewards=-rng.integers(0, 2, n), masks=np.ones(n))
+    data = to_device(dataset, cfg.device)
+    observation_shape = stacked_shape(data, cfg.frame_stack)
+    on_cuda = torch.device(cfg.device).type == "cuda"
+    if on_cuda:
+        torch.set_float32_matmul_precision("high")  # as in training
+    device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
+    updates = 1000 if on_cuda else 20
+    modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
+    if on_cuda:
+        modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
+    print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch {cfg.batch_size}, "
+          f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
+          f"torch {torch.__version__}")
+    for name, flags in modes.items():
+        mode_cfg = dataclasses.replace(cfg, **flags)
+        torch.manual_seed(cfg.seed)
+        agent = FQLAgent(FQLNetworks(observation_shape, action_dim, mode_cfg).to(cfg.device), mode_cfg)
+        step = make_train_step(agent, make_sampler(data, cfg.frame_stack, cfg.p_aug))
+        rates, start = [], time.perf_counter()
+        for _ in range(3):  # warm-up: compilation and graph recording happen here
+            step(False)
+        step(True)["critic/critic_loss"].item()  # waits for the device
+        warmup = time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(updates - 1):
+                step(False)
+            step(True)["critic/critic_loss"].item()
+            rates.append(updates / (time.perf_counter() - start))
+        print(f"{name:<22} {np.median(rates):9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None):
     cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.split("\n")[0])
     try:
+        cfg = resolve_config(cfg)
+        if not (cfg.benchmark or cfg.eval_interval or cfg.online_steps):
+            return train(cfg)
+        try:
+            import eval  # the environments: their shapes, evaluation during training, fine-tuning
+        except ImportError as err:
+            raise UsageError(f"evaluation, fine-tuning and --benchmark need eval.py beside fql.py and its packages "
+                             f"({err}); --eval_interval 0 trains without them") from None
         if cfg.benchmark:
-            import eval  # the benchmark lives with the other tools around training
-
-            return eval.benchmark(cfg)
-        return train(cfg)
+            return benchmark(cfg, *eval.env_shapes(cfg.env))
+        return eval.train(cfg)
     except UsageError as err:
         sys.exit(f"fql.py: error: {err}")
 

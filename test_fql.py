@@ -16,10 +16,8 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import envs
 import eval as fql_eval
 import fql
 
@@ -158,11 +156,11 @@ def test_dataset_on_device_clips_actions_and_samples_whole_transitions():
     index = np.arange(n, dtype=np.float32)
     dataset = dict(observations=np.stack([index, index], 1), next_observations=np.stack([index + 1, index], 1),
                    actions=np.linspace(-1, 1, n)[:, None], rewards=-index, masks=index % 2, terminals=index * 0)
-    data = envs.to_device(dataset, "cpu")
+    data = fql.to_device(dataset, "cpu")
     assert set(data) == {"observations", "actions", "rewards", "masks", "next_observations"}
     assert data["actions"].dtype == torch.float32
     assert data["actions"].max() == np.float32(1 - 1e-5) and data["actions"].min() == np.float32(-1 + 1e-5)
-    batch = envs.sample_batch(data, 4096)
+    batch = fql.sample_batch(data, 4096)
     i = batch["observations"][:, 0]
     assert torch.equal(batch["next_observations"][:, 0], i + 1) and torch.equal(batch["rewards"], -i)
     assert torch.equal(batch["masks"], i % 2) and len(torch.unique(i)) > 900  # uniform over the dataset
@@ -233,7 +231,8 @@ def test_initialisation_matches_official():
             assert torch.all(scale == 1) and torch.all(shift == 0)
     assert not any(isinstance(m, (nn.LayerNorm, fql.EnsembleLayerNorm)) for m in nets.actor_bc_flow.modules())
     assert sum(isinstance(m, fql.EnsembleLayerNorm) for m in nets.critic.modules()) == 2
-    assert sum(isinstance(m, fql.GELUTanh) for m in nets.actor_bc_flow.modules()) == 2  # hidden layers only
+    gelus = [m for name in ("critic", "actor_bc_flow") for m in getattr(nets, name).modules() if isinstance(m, nn.GELU)]
+    assert len(gelus) == 2 * 2 and all(m.approximate == "tanh" for m in gelus)  # hidden layers only, flax's form
     for m in nets.critic.net:  # the two members are drawn independently
         if isinstance(m, fql.EnsembleLinear):
             assert not torch.equal(m.weight[0], m.weight[1])
@@ -334,7 +333,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     cfg = make_config(alpha=0.3, actor_hidden_dims=(128, 128), value_hidden_dims=(128, 128), lr=1e-3)
     agent = make_agent(2, 1, cfg)
     for _ in range(1000):
-        agent.update(envs.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
+        agent.update(fql.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
 
     test_context = torch.rand(2000, 2) * 2 - 1
     better_sign = torch.sign(test_context[:, :1])
@@ -422,7 +421,7 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
 
     torch.manual_seed(99)
     restored = make_agent(7, 3, cfg)
-    assert fql.load_checkpoint(path, restored, cfg) == 1
+    assert fql.load_checkpoint(path, restored, cfg)["step"] == 1
     np.testing.assert_array_equal(restored.act(np.ones((4, 7), np.float32)), expected_act)  # same RNG draw
     got_update = restored.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
     for key, value in expected_update.items():  # same Adam moments, so the same next step
@@ -451,7 +450,7 @@ def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeyp
     flags = ("--offline_steps", "60", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
     straight = run_cli(cube_data, tmp_path / "straight", *flags)
 
-    real_sample, calls = envs.sample_batch, []
+    real_sample, calls = fql.sample_batch, []
 
     def killed_at_step_55(data, batch_size):
         calls.append(1)
@@ -459,10 +458,10 @@ def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real_sample(data, batch_size)
 
-    monkeypatch.setattr(envs, "sample_batch", killed_at_step_55)
+    monkeypatch.setattr(fql, "sample_batch", killed_at_step_55)
     with pytest.raises(KeyboardInterrupt):
         run_cli(cube_data, tmp_path / "killed", *flags)
-    monkeypatch.setattr(envs, "sample_batch", real_sample)
+    monkeypatch.setattr(fql, "sample_batch", real_sample)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 40
     assert read_csv(tmp_path / "killed" / "train.csv")[-1]["step"] == "50"  # logged after the last checkpoint
 
@@ -496,51 +495,6 @@ def test_compiled_and_eager_updates_agree():
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
     for p, q in zip(eager.nets.parameters(), compiled.nets.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
-
-
-def test_gelu_tanh_is_the_tanh_approximation():
-    x = torch.linspace(-12, 12, 100_001, requires_grad=True)
-    got, want = fql.gelu_tanh(x), F.gelu(x, approximate="tanh")
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    torch.testing.assert_close(*(torch.autograd.grad(y.sum(), x)[0] for y in (got, want)), rtol=0, atol=1e-5)
-
-
-@pytest.mark.skipif(not fql.USE_ONEDNN, reason="oneDNN linear layers are used on x86 CPUs only")
-def test_onednn_linear_matches_f_linear_with_and_without_weight_gradients():
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(2, 37, 20), torch.randn(13, 20), torch.randn(13)
-    for linear in (fql.linear, torch.compile(fql.linear)):
-        for weight_trained in (True, False):
-            leaves = [t.clone().requires_grad_(t is not weight or weight_trained) for t in (x, weight, bias)]
-            references = [t.clone().requires_grad_(t is not weight or weight_trained) for t in (x, weight, bias)]
-            got, want = linear(*leaves), F.linear(*references)
-            assert got.shape == (2, 37, 13)
-            torch.testing.assert_close(got, want)
-            (got * want.detach()).sum().backward()
-            (want * want.detach()).sum().backward()
-            for leaf, reference in zip(leaves, references):
-                if reference.requires_grad:
-                    torch.testing.assert_close(leaf.grad, reference.grad, rtol=1e-5, atol=1e-4)
-                else:
-                    assert leaf.grad is None
-
-
-@pytest.mark.skipif(not fql.USE_ONEDNN, reason="oneDNN linear layers are used on x86 CPUs only")
-def test_onednn_and_plain_matmul_updates_agree(monkeypatch):
-    torch.manual_seed(0)
-    onednn = make_agent(7, 3, make_config())
-    plain = make_agent(7, 3, make_config())
-    plain.nets.load_state_dict(onednn.nets.state_dict())
-    for step in range(3):
-        batch, noise = random_batch(64, 7, 3), fixed_noise(64, 3)
-        monkeypatch.setattr(fql, "USE_ONEDNN", True)
-        got = onednn.update(batch, noise, with_metrics=True)
-        monkeypatch.setattr(fql, "USE_ONEDNN", False)  # F.linear and one batched matmul for the critic
-        want = plain.update(batch, noise, with_metrics=True)
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
-    for p, q in zip(onednn.nets.parameters(), plain.nets.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_benchmark_prints_updates_per_second_for_each_mode(capsys):
@@ -600,7 +554,7 @@ CUBE = "cube-single-play-singletask-task2-v0"
 
 def pointmaze_oracle():
     """Heads for OGBench's oracle subgoal on the way to the task's goal: a policy known to succeed."""
-    helper = envs.make_env(POINTMAZE).unwrapped
+    helper = fql_eval.make_env(POINTMAZE).unwrapped
     helper.reset(seed=0)
     goal = np.array(helper.cur_goal_xy)
 
@@ -614,7 +568,7 @@ def pointmaze_oracle():
 
 
 def test_scripted_policy_succeeds_and_random_policy_fails():
-    vector_env = envs.make_vector_env(POINTMAZE, 2)
+    vector_env = fql_eval.make_vector_env(POINTMAZE, 2)
     try:
         oracle = fql_eval.evaluate_parallel(pointmaze_oracle(), vector_env, 3, seed=0)
         rng = np.random.default_rng(0)
@@ -635,8 +589,8 @@ def recording(seen: list):
 
 def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds():
     sequential_seen, parallel_seen = [], []
-    sequential = fql_eval.evaluate(recording(sequential_seen), envs.make_env(CUBE), 3, seed=5)
-    vector_env = envs.make_vector_env(CUBE, 2)
+    sequential = fql_eval.evaluate(recording(sequential_seen), fql_eval.make_env(CUBE), 3, seed=5)
+    vector_env = fql_eval.make_vector_env(CUBE, 2)
     try:
         parallel = fql_eval.evaluate_parallel(recording(parallel_seen), vector_env, 3, seed=5)
     finally:
@@ -818,7 +772,7 @@ def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
 def write_d4rl_file(directory, name, observations, actions, rewards, terminals, timeouts):
     import h5py
 
-    path = os.path.join(directory, os.path.basename(envs.D4RL[name][0]))
+    path = os.path.join(directory, os.path.basename(fql.D4RL[name][0]))
     with h5py.File(path, "w") as f:
         for key, value in dict(observations=observations, actions=actions, rewards=rewards, terminals=terminals,
                                timeouts=timeouts).items():
@@ -834,18 +788,18 @@ def test_d4rl_file_becomes_fql_transitions(tmp_path, monkeypatch):
     timeouts = np.array([0, 0, 0, 1, 0, 0, 1], bool)
     write_d4rl_file(tmp_path, "antmaze-umaze-v2", observations, np.full((7, 8), 2.0), rows * 0 + (rows == 2),
                     np.zeros(7, bool), timeouts)
-    data = envs.load_d4rl("antmaze-umaze-v2")
+    data = fql.load_d4rl("antmaze-umaze-v2")
     # as d4rl.qlearning_dataset: transitions from rows 0, 1, 2, 4, 5 (row 3 ends its episode by timeout)
     np.testing.assert_array_equal(data["observations"][:, 0], [0, 1, 2, 4, 5])
     np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 3, 5, 6])
     np.testing.assert_array_equal(data["rewards"], [-1, -1, 0, -1, -1])  # antmaze: reward - 1
     np.testing.assert_array_equal(data["masks"], [1, 1, 1, 1, 1])
     np.testing.assert_array_equal(data["terminals"], [0, 0, 1, 0, 1])  # where the next start does not follow
-    assert envs.to_device(data, "cpu")["actions"].max() == np.float32(1 - 1e-5)  # actions clipped as OGBench's
+    assert fql.to_device(data, "cpu")["actions"].max() == np.float32(1 - 1e-5)  # actions clipped as OGBench's
 
     dones = np.array([0, 1, 0, 0, 0, 0, 0], bool)  # adroit: a terminal also ends the episode, and masks it
     write_d4rl_file(tmp_path, "pen-human-v1", observations[:, :3], np.zeros((7, 24)), rows, dones, timeouts)
-    data = envs.load_d4rl("pen-human-v1")
+    data = fql.load_d4rl("pen-human-v1")
     np.testing.assert_array_equal(data["rewards"], [0, 1, 2, 4, 5])
     np.testing.assert_array_equal(data["masks"], [1, 0, 1, 1, 1])
     np.testing.assert_array_equal(data["terminals"], [0, 1, 1, 0, 1])
@@ -856,7 +810,7 @@ def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
     assert (cfg.env, cfg.alpha, cfg.q_agg, cfg.offline_steps) == ("antmaze-large-play-v2", 3, "mean", 500_000)
     cfg = parse("--env", "pen-expert-v1", "--offline_steps", "7")
     assert (cfg.env, cfg.alpha, cfg.q_agg, cfg.offline_steps) == ("pen-expert-v1", 3000, "min", 7)
-    assert len(envs.D4RL) == 18
+    assert len(fql.D4RL) == 18
     with pytest.raises(SystemExit, match="d4rl-antmaze-umaze-diverse"):
         fql.main(["--env", "d4rl-antmaze-ultra-play"])
 
@@ -871,10 +825,10 @@ def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
 
 
 def test_d4rl_antmaze_rewards_the_goal_and_ends_there():
-    env = envs.make_env("antmaze-medium-play-v2")
+    env = fql_eval.make_env("antmaze-medium-play-v2")
     maze = env.unwrapped
     assert env.observation_space.shape == (29,) and env._max_episode_steps == 1000
-    np.testing.assert_array_equal(maze.maze_map, envs.BIG_MAZE)
+    np.testing.assert_array_equal(maze.maze_map, fql_eval.BIG_MAZE)
     goals = []
     for seed in range(20):
         observation, _ = env.reset(seed=seed)
@@ -887,14 +841,14 @@ def test_d4rl_antmaze_rewards_the_goal_and_ends_there():
     maze.set_xy(maze.cur_goal_xy + 0.2)
     _, reward, terminated, _, info = env.step(np.zeros(8))
     assert (reward, terminated, info["success"]) == (1.0, True, 1.0)
-    assert envs.make_env("antmaze-umaze-diverse-v2")._max_episode_steps == 700
+    assert fql_eval.make_env("antmaze-umaze-diverse-v2")._max_episode_steps == 700
 
 
 @pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
 def test_adroit_reward_is_d4rls(task):
     """gymnasium-robotics (1.2.1-1.4.2) adds +0.1 |palm - object| where D4RL subtracts it; the wrapper's
     reward must equal the simulator's reward with that term's sign put back."""
-    env = envs.make_env(f"{task}-human-v1")
+    env = fql_eval.make_env(f"{task}-human-v1")
     inner = env.unwrapped
     env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -913,7 +867,7 @@ def test_adroit_reward_is_d4rls(task):
 
 
 def test_adroit_pen_ends_when_dropped_and_runs_100_steps():
-    env = envs.make_env("pen-human-v1")
+    env = fql_eval.make_env("pen-human-v1")
     pen = env.unwrapped
     rng = np.random.default_rng(0)
     endings = []
@@ -936,20 +890,20 @@ def test_random_policy_scores_near_d4rl_random_reference(name, tolerance):
     """D4RL's reference minimum is a random policy's return, so random actions must score about 0. The
     spread of 10 random episodes is a few points of pen's expert-random range (pens drop at random times)
     and well under a point for the other tasks; the antmaze goal is never reached at random."""
-    env = envs.make_env(name)
+    env = fql_eval.make_env(name)
     rng = np.random.default_rng(0)
-    result = envs.with_score(name, fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, env.action_space.shape),
+    result = fql_eval.with_score(name, fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, env.action_space.shape),
                                                          env, 10 if name != "antmaze-umaze-v2" else 2, seed=0))
     assert abs(result["score"]) <= tolerance, result
 
 
 def test_d4rl_normalised_score_arithmetic():
-    assert envs.with_score("pen-human-v1", {"return": 3076.8331017826877})["score"] == pytest.approx(100)
-    assert envs.with_score("door-cloned-v1", {"return": -56.512833})["score"] == pytest.approx(0)
+    assert fql_eval.with_score("pen-human-v1", {"return": 3076.8331017826877})["score"] == pytest.approx(100)
+    assert fql_eval.with_score("door-cloned-v1", {"return": -56.512833})["score"] == pytest.approx(0)
     hammer = (-274.856578 + 12794.134825156867) / 2
-    assert envs.with_score("hammer-expert-v1", {"return": hammer})["score"] == pytest.approx(50)
-    assert envs.with_score("antmaze-large-play-v2", {"return": 0.75})["score"] == pytest.approx(75)
-    assert "score" not in envs.with_score(CUBE, {"return": 1.0})
+    assert fql_eval.with_score("hammer-expert-v1", {"return": hammer})["score"] == pytest.approx(50)
+    assert fql_eval.with_score("antmaze-large-play-v2", {"return": 0.75})["score"] == pytest.approx(75)
+    assert "score" not in fql_eval.with_score(CUBE, {"return": 1.0})
 
 
 def test_d4rl_training_run(tmp_path, monkeypatch):
@@ -996,13 +950,13 @@ def compact_pixels(episode_lengths, frame_stack=3, p_aug=0.0):
     dataset = dict(observations=np.broadcast_to(np.arange(frames, dtype=np.uint8)[:, None, None, None],
                                                 (frames, 8, 8, 3)).copy(),
                    valids=valids, actions=np.zeros((frames, 2)), rewards=np.arange(frames), masks=np.ones(frames))
-    return envs.to_device(dataset, "cpu"), make_config(frame_stack=frame_stack, p_aug=p_aug, encoder="impala_debug")
+    return fql.to_device(dataset, "cpu"), make_config(frame_stack=frame_stack, p_aug=p_aug, encoder="impala_debug")
 
 
 def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
     data, cfg = compact_pixels([4, 3])  # frames 0-4 (transitions from 0-3) and 5-8 (from 5-7)
     assert data["valid_rows"].tolist() == [0, 1, 2, 3, 5, 6, 7]
-    batch = envs.make_sampler(data, cfg.frame_stack, cfg.p_aug)(2000)
+    batch = fql.make_sampler(data, cfg.frame_stack, cfg.p_aug)(2000)
     rows = batch["rewards"].long()  # the row each transition starts from
     assert set(rows.tolist()) == {0, 1, 2, 3, 5, 6, 7}  # never the final frame of an episode
     stacks = {r: (batch["observations"][i, 0, 0, ::3].tolist(), batch["next_observations"][i, 0, 0, ::3].tolist())
@@ -1017,7 +971,7 @@ def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
 
 def test_random_shift_keeps_shape_moves_pixels_and_pairs_s_with_next_s():
     images = torch.randint(0, 256, (64, 16, 16, 6), dtype=torch.uint8)
-    shifted, shifted_next = envs.random_shift(images, images.clone(), p_aug=1.0)
+    shifted, shifted_next = fql.random_shift(images, images.clone(), p_aug=1.0)
     assert shifted.shape == images.shape and shifted.dtype == torch.uint8
     assert torch.equal(shifted, shifted_next)  # s and s' of a sample move together
     assert (shifted != images).flatten(1).any(1).float().mean() > 0.9  # 48 of 49 offsets move the image
@@ -1025,7 +979,7 @@ def test_random_shift_keeps_shape_moves_pixels_and_pairs_s_with_next_s():
     for i in range(4):  # each sample is an edge-padded crop at one of the 49 offsets, its own
         crops = [padded[i, :, dy:dy + 16, dx:dx + 16].permute(1, 2, 0) for dy in range(7) for dx in range(7)]
         assert any(torch.equal(shifted[i].float(), crop) for crop in crops)
-    unshifted, _ = envs.random_shift(images, images, p_aug=0.0)
+    unshifted, _ = fql.random_shift(images, images, p_aug=0.0)
     assert torch.equal(unshifted, images)
 
 
@@ -1044,7 +998,7 @@ class FrameEnv(gymnasium.Env):
 
 
 def test_environment_frames_stack_like_the_dataset():
-    env = envs.FrameStack(FrameEnv(), 3)
+    env = fql_eval.FrameStack(FrameEnv(), 3)
     assert env.observation_space.shape == (4, 4, 9)
     observation, _ = env.reset()
     assert observation[0, 0, ::3].tolist() == [7, 7, 7]
@@ -1122,11 +1076,11 @@ def test_env_names_and_per_env_defaults():
     assert (cfg.env, cfg.alpha, cfg.offline_steps) == ("visual-cube-single-play-singletask-task1-v0", 300, 500_000)
     cfg = parse("--env", "visual-scene-play-singletask-task2-v0")
     assert (cfg.alpha, cfg.encoder, cfg.frame_stack, cfg.p_aug) == (100, "impala_small", 3, 0.5)
-    with pytest.raises(envs.UsageError, match="pixel observations"):
+    with pytest.raises(fql.UsageError, match="pixel observations"):
         parse("--env", "visual-cube-double-play-singletask-task1-v0", "--frame_stack", "0")
     assert parse("--env", "pointmaze-medium-navigate-singletask-v0").alpha == 10  # official default
-    for alias in envs.ENVS:  # every alias names a real OGBench environment
-        assert parse("--env", f"ogbench-{alias}").env.startswith(envs.ENVS[alias][0])
+    for alias in fql.ENVS:  # every alias names a real OGBench environment
+        assert parse("--env", f"ogbench-{alias}").env.startswith(fql.ENVS[alias][0])
 
 
 def test_flags_in_underscore_and_hyphen_spellings():
@@ -1168,6 +1122,32 @@ def test_missing_dataset_offline_names_the_files(tmp_path, monkeypatch):
         fql.main(["--env", "ogbench-scene", "--dataset_dir", str(tmp_path), "--run_dir", str(tmp_path / "run")])
     message = str(exit_info.value.code)
     assert "scene-play-v0.npz" in message and "scene-play-v0-val.npz" in message and str(tmp_path) in message
+
+
+def test_fql_imports_and_trains_without_the_environment_packages():
+    """fql.py can be copied alone: without ogbench, gymnasium, MuJoCo, h5py and eval.py, `import fql` works
+    and a compiled update runs on random data."""
+    code = """
+import importlib.abc, sys
+BLOCKED = {"ogbench", "gymnasium", "mujoco", "h5py", "eval"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Block())
+import torch, fql
+cfg = fql.resolve_config(fql.Config(device="cpu", compile=True, actor_hidden_dims=(16,), value_hidden_dims=(16,)))
+agent = fql.FQLAgent(fql.FQLNetworks((7,), 3, cfg), cfg)
+batch = dict(observations=torch.randn(32, 7), actions=torch.rand(32, 3) * 2 - 1, rewards=torch.zeros(32),
+             masks=torch.ones(32), next_observations=torch.randn(32, 7))
+metrics = agent.update(batch, fql.draw_noise(32, 3, "cpu"), with_metrics=True)
+assert all(torch.isfinite(v) for v in metrics.values()) and len(metrics) == 10
+print("loaded:", sorted(BLOCKED & {m.split(".")[0] for m in sys.modules}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded: []" in result.stdout
 
 
 def test_command_line_error_has_no_traceback():
