@@ -227,50 +227,58 @@ def evaluate(policy: Policy, env: gymnasium.Env, episodes: int, seed: int) -> di
     return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
 
 
-def evaluate_parallel(policy: Policy, vector_env: gymnasium.vector.VectorEnv, episodes: int, seed: int,
-                      progress: tqdm | None = None) -> dict:
+def evaluate_parallel(policy: Policy, vector_env: gymnasium.vector.VectorEnv, episodes: int, seed: int | list,
+                      progress: tqdm | None = None) -> dict | list:
     """As `evaluate` (same seeds, same results for a deterministic policy), with one batched policy call
     per step for all environments. Episodes run in rounds of `vector_env.num_envs`; an environment whose
-    episode has ended keeps stepping until the round ends, and its extra steps are ignored."""
-    successes, returns, lengths = [], [], []
+    episode has ended keeps stepping until the round ends, and its extra steps are ignored.
+    With a list of seeds (a seed group's agents), the environments are split into one equal block per
+    seed, each running `episodes` episodes from its seed; the policy then gets observations with a
+    leading seed dimension, and the result is a list, one per seed."""
+    seeds = [seed] if isinstance(seed, int) else seed
+    per_seed = vector_env.num_envs // len(seeds)
+    finished = [[] for _ in seeds]  # (success, return, length) of each episode, per seed
     # torch's CPU threads busy-wait between calls and would take the cores the environment workers
     # need (half the speed on 2 cores); one thread is plenty for one batched policy call per step
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for first in range(0, episodes, vector_env.num_envs):
-            observations, _ = vector_env.reset(seed=[seed + first + i for i in range(vector_env.num_envs)])
-            running = np.arange(vector_env.num_envs) < episodes - first  # the last round may need fewer
+        for first in range(0, episodes, per_seed):
+            observations, _ = vector_env.reset(seed=[s + first + i for s in seeds for i in range(per_seed)])
+            running = np.tile(np.arange(per_seed) < episodes - first, len(seeds))  # the last round may need fewer
             episode_return, length = np.zeros(vector_env.num_envs), np.zeros(vector_env.num_envs, dtype=int)
             while running.any():
-                actions = np.clip(policy(observations), -1, 1)
+                if not isinstance(seed, int):  # the policy of a seed group maps each seed's block
+                    observations = observations.reshape(len(seeds), per_seed, *observations.shape[1:])
+                actions = np.clip(policy(observations), -1, 1).reshape(vector_env.num_envs, -1)
                 observations, rewards, terminated, truncated, infos = vector_env.step(actions)
                 episode_return += np.where(running, rewards, 0)
                 length += running
                 for i in np.flatnonzero(running & (terminated | truncated)):
-                    successes.append(float(infos["success"][i]))
-                    returns.append(episode_return[i])
-                    lengths.append(length[i])
+                    finished[i // per_seed].append((float(infos["success"][i]), episode_return[i], length[i]))
                     running[i] = False
                     if progress is not None:
                         progress.update(1)
     finally:
         torch.set_num_threads(torch_threads)
-    return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
+    results = [dict(zip(("success", "return", "length"), np.mean(episodes_, axis=0).tolist())) for episodes_ in finished]
+    return results[0] if isinstance(seed, int) else results
 
 
 class Evaluator:
-    """`evaluate(policy, seed)` for fql.train: evaluate_parallel on one vector env (one worker per core, at
-    most eval_episodes), started at the first evaluation and closed when the `with` block ends."""
+    """`evaluate(policy, seeds)` for fql.train: evaluate_parallel on one vector env (about one worker per
+    core, at least one per seed), started at the first evaluation and closed when the `with` block ends."""
 
     def __init__(self, cfg: fql.Config):
         self.cfg, self.vector_env = cfg, None
 
-    def __call__(self, policy: Policy, seed: int) -> dict:
+    def __call__(self, policy: Policy, seeds: list) -> list:
         if self.vector_env is None:
-            self.vector_env = make_vector_env(self.cfg.env, min(self.cfg.eval_episodes, os.cpu_count()),
-                                              self.cfg.frame_stack)
-        return with_score(self.cfg.env, evaluate_parallel(policy, self.vector_env, self.cfg.eval_episodes, seed))
+            per_seed = max(1, min(self.cfg.eval_episodes, os.cpu_count() // len(seeds)))
+            self.vector_env = make_vector_env(self.cfg.env, per_seed * len(seeds), self.cfg.frame_stack)
+        results = evaluate_parallel(policy, self.vector_env, self.cfg.eval_episodes,
+                                    seeds if len(seeds) > 1 else seeds[0])
+        return [with_score(self.cfg.env, result) for result in (results if len(seeds) > 1 else [results])]
 
     def __enter__(self):
         return self
@@ -335,8 +343,8 @@ class ReplayBuffer:
         self.count = min(self.count + 1, self.capacity)
         self.size.fill_(self.count)
 
-    def sample(self, batch_size: int) -> dict:
-        idx = (torch.rand(batch_size, device=self.size.device) * self.size).long()
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
+        idx = (torch.rand(batch_size, device=self.size.device, generator=generator) * self.size).long()
         return {k: v[idx] for k, v in self.data.items()}
 
     def online_rows(self) -> torch.Tensor:
@@ -358,9 +366,10 @@ class ReplayBuffer:
         self.size.fill_(self.count)
 
 
-def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int) -> dict:
+def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator | None = None):
     """Half of the batch from the offline dataset, half from the online transitions."""
-    first, second = fql.sample_batch(offline, batch_size // 2), buffer.sample(batch_size - batch_size // 2)
+    first = fql.sample_batch(offline, batch_size // 2, generator)
+    second = buffer.sample(batch_size - batch_size // 2, generator)
     return {k: torch.cat([first[k], second[k]]) for k in first}
 
 
@@ -451,7 +460,7 @@ def load_agent(path: str, device: str) -> tuple[fql.FQLAgent, dict]:
 # ----------------------------------------------------------------------------------------------
 PLOTTED = {"eval.csv": ["evaluation/success"],
            "train.csv": ["critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/q"]}
-NOT_CONFIG = {"seed", "run_dir", "resume", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
+NOT_CONFIG = {"seed", "seeds", "run_dir", "resume", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
               "benchmark", "eval_interval", "eval_episodes", "log_interval", "save_interval"}
 
 

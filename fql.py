@@ -56,8 +56,11 @@ class Config:
     env: str = "ogbench-cube-single"
     """ogbench-<env> (its default task), ogbench-<env>-task<N>, a full OGBench name such as
     cube-single-play-singletask-task2-v0, d4rl-<dataset> or a D4RL name such as antmaze-large-play-v2"""
-    seed: int = 0
-    """seed for torch, numpy and the evaluation episodes"""
+    seed: int | None = None
+    """seed of the networks, batches, noise and evaluation episodes; the same as --seeds N (default 0)"""
+    seeds: tuple[int, ...] | None = None
+    """train one independent agent per seed in one process, as one batched computation; each seed's run
+    goes to its own folder and equals the run --seed N makes alone"""
     offline_steps: int | None = None
     """gradient steps on the offline dataset; default: 500K for D4RL (as the paper), else 1M"""
     online_steps: int = 0
@@ -105,7 +108,8 @@ class Config:
     dataset_dir: str = "~/.ogbench/data"
     """where the OGBench .npz files are (downloaded there when missing and online)"""
     run_dir: str | None = None
-    """folder for train.csv, eval.csv and checkpoint.pt; default: runs/<env>__seed<seed>"""
+    """folder for train.csv, eval.csv and checkpoint.pt; default: runs/<env>__seed<seed>; with several
+    seeds, each seed's run goes to <run_dir>/seed<seed> ("{seed}" in run_dir is replaced by the seed)"""
     device: str = "auto"
     """torch device; auto: cuda when available, else cpu"""
     compile: bool = True
@@ -118,7 +122,8 @@ class Config:
     """also log to this Weights & Biases project (needs `pip install wandb`)"""
     benchmark: bool = False
     """print updates/s of the training step (eager, compiled, CUDA graph) on random data with the env's
-    shapes and this config's networks and batch size, then exit; needs no dataset"""
+    shapes and this config's networks and batch size, then exit; needs no dataset. With several
+    --seeds, also the group's steps/s and seed-updates/s"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +199,17 @@ def resolve_config(cfg: Config) -> Config:
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
               for k, v in {**DEFAULTS, **env_defaults}.items()}
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{cfg.seed}")
-    cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=run_dir, **filled)
+    if cfg.seed is not None and cfg.seeds and cfg.seed != cfg.seeds[0]:
+        raise UsageError("give --seed N or --seeds N1 N2 ..., not both")
+    seeds = tuple(cfg.seeds or (cfg.seed or 0,))
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds has a seed twice: {' '.join(map(str, seeds))}")
+    run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{{seed}}")
+    if len(seeds) > 1 and "{seed}" not in run_dir:
+        run_dir = os.path.join(run_dir, "seed{seed}")  # a group's runs: one folder per seed
+    elif len(seeds) == 1:
+        run_dir = run_dir.replace("{seed}", str(seeds[0]))
+    cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=run_dir, seed=seeds[0], seeds=seeds, **filled)
     for field in ("buffer_size", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes"):
         if getattr(cfg, field) <= 0:
             raise UsageError(f"--{field} must be positive, got {getattr(cfg, field)}")
@@ -208,7 +222,15 @@ def resolve_config(cfg: Config) -> Config:
         raise UsageError(f"{cfg.env} has pixel observations: give --encoder and --frame_stack >= 1")
     if cfg.env.startswith("visual-") and cfg.online_steps:
         raise UsageError("fine-tuning on pixels is not supported: its buffer would hold stacked frames per step")
+    if len(seeds) > 1 and (cfg.online_steps or cfg.wandb_project):
+        raise UsageError("--online_steps and --wandb_project take one seed; fine-tune each seed's run with "
+                         "eval.py finetune, or log one --seed per run")
     return cfg
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    """One seed's run in a group: the config `--seed seed` gives alone, in that seed's folder."""
+    return dataclasses.replace(cfg, seed=seed, seeds=(seed,), run_dir=cfg.run_dir.replace("{seed}", str(seed)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,18 +322,20 @@ def to_device(dataset: dict, device) -> dict:
     return data
 
 
-def sample_batch(data: dict, batch_size: int) -> dict:
+def sample_batch(data: dict, batch_size: int, generator: torch.Generator | None = None) -> dict:
     """Uniform transitions, indexed on the device (no host-to-device copy per step)."""
     n = data["observations"].shape[0]
-    idx = torch.randint(n, (batch_size,), device=data["observations"].device)
+    idx = torch.randint(n, (batch_size,), device=data["observations"].device, generator=generator)
     return {k: v[idx] for k, v in data.items()}
 
 
-def sample_pixels(data: dict, batch_size: int, frame_stack: int, p_aug: float) -> dict:
+def sample_pixels(data: dict, batch_size: int, generator: torch.Generator | None = None, *, frame_stack: int,
+                  p_aug: float) -> dict:
     """Uniform transitions of a compact pixel dataset: s stacks the frame_stack latest frames (oldest
     first along the channels, the episode's first frame repeated before it starts) and s' the same one
     row later. With probability p_aug the batch is randomly shifted, as the official code does."""
-    idx = data["valid_rows"][torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device)]
+    rows = torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device, generator=generator)
+    idx = data["valid_rows"][rows]
     start = data["episode_start"][idx]
     batch = {k: data[k][idx] for k in ("actions", "rewards", "masks")}
     for key, last in (("observations", idx), ("next_observations", idx + 1)):
@@ -319,19 +343,20 @@ def sample_pixels(data: dict, batch_size: int, frame_stack: int, p_aug: float) -
         batch[key] = torch.cat(frames, dim=-1)
     if p_aug:
         batch["observations"], batch["next_observations"] = random_shift(
-            batch["observations"], batch["next_observations"], p_aug)
+            batch["observations"], batch["next_observations"], p_aug, generator)
     return batch
 
 
-def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_aug: float, pad: int = 3):
+def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_aug: float,
+                 generator: torch.Generator | None = None, pad: int = 3):
     """With probability p_aug, shift each image by up to `pad` pixels (edge padding then a crop back to the
     image size), s and s' of a sample by the same offset and each sample by its own, as the official code.
     Both branches are computed and one is kept, so a recorded CUDA graph stays valid."""
     batch, height, width = observations.shape[:3]
-    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=observations.device) - pad
+    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=observations.device, generator=generator) - pad
     rows = (torch.arange(height, device=observations.device) + offsets[:, :1]).clamp(0, height - 1)
     cols = (torch.arange(width, device=observations.device) + offsets[:, 1:]).clamp(0, width - 1)
-    apply = torch.rand((), device=observations.device) < p_aug
+    apply = torch.rand((), device=observations.device, generator=generator) < p_aug
     samples = torch.arange(batch, device=observations.device)[:, None, None]
     return [torch.where(apply, images[samples, rows[:, :, None], cols[:, None, :]], images)
             for images in (observations, next_observations)]
@@ -344,7 +369,7 @@ def stacked_shape(data: dict, frame_stack: int | None) -> tuple[int, ...]:
 
 
 def make_sampler(data: dict, frame_stack: int | None = None, p_aug: float | None = None):
-    """`sample(batch_size) -> batch` for the dataset's layout (frame_stack and p_aug: pixels only)."""
+    """`sample(batch_size, generator) -> batch` for the dataset's layout (frame_stack and p_aug: pixels only)."""
     if "valid_rows" in data:
         return functools.partial(sample_pixels, data, frame_stack=frame_stack, p_aug=p_aug)
     return functools.partial(sample_batch, data)
@@ -492,8 +517,9 @@ class FQLNetworks(nn.Module):
         self.actor_onestep = MLP(dim + action_dim, cfg.actor_hidden_dims, action_dim,
                                  encoder=make_encoder(observation_shape, cfg)[0])
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
+    def forward(self, batch: dict, noise: dict, cfg: Config, with_metrics: bool = False):
+        """fql_losses of these networks: the call torch.func.functional_call makes with a seed's parameters."""
+        return fql_losses(self, batch, noise, cfg, with_metrics)
 
 
 def with_frozen_params(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -515,14 +541,14 @@ def flow_actions(actor_bc_flow: nn.Module, obs: torch.Tensor, noise: torch.Tenso
 # ----------------------------------------------------------------------------------------------
 # Losses (paper Section 4 and Algorithm 1)
 # ----------------------------------------------------------------------------------------------
-def draw_noise(batch_size: int, action_dim: int, device) -> dict:
+def draw_noise(batch_size: int, action_dim: int, device, generator: torch.Generator | None = None) -> dict:
     """All random draws of one update, in one place, so tests can fix them."""
-    shape = (batch_size, action_dim)
+    shape, random = (batch_size, action_dim), dict(device=device, generator=generator)
     return dict(
-        x0=torch.randn(shape, device=device),  # BC flow: source sample
-        t=torch.rand((batch_size, 1), device=device),  # BC flow: time, per sample
-        z=torch.randn(shape, device=device),  # one-step policy noise for distillation and Q term
-        z_next=torch.randn(shape, device=device),  # one-step policy noise for the next actions a'
+        x0=torch.randn(shape, **random),  # BC flow: source sample
+        t=torch.rand((batch_size, 1), **random),  # BC flow: time, per sample
+        z=torch.randn(shape, **random),  # one-step policy noise for distillation and Q term
+        z_next=torch.randn(shape, **random),  # one-step policy noise for the next actions a'
     )
 
 
@@ -573,27 +599,81 @@ def fql_losses(nets: FQLNetworks, batch: dict, noise: dict, cfg: Config, with_me
 
 
 # ----------------------------------------------------------------------------------------------
+# Seed groups: several independent agents as one batched computation
+# ----------------------------------------------------------------------------------------------
+# An agent trains the networks of one seed or of a group of seeds. Each parameter is stored once for all
+# of them, stacked along a leading seed dimension, and torch.vmap maps fql_losses, written for one agent,
+# over that dimension: one compiled loss, one Adam and, on CUDA, one CUDA graph train every seed. Adam, the
+# Polyak update and every loss are per element or per seed, so a group follows its separate trainings.
+def stack_parameters(seed_nets: list) -> dict:
+    """{name: the seeds' parameters stacked along dim 0}. Each seed's module then holds views of its slice,
+    so it keeps its current values for acting, state dicts and tests while Adam trains the stacks."""
+    params = {}
+    for name, first in seed_nets[0].named_parameters():
+        stacked = torch.stack([nets.get_parameter(name).detach() for nets in seed_nets])
+        params[name] = nn.Parameter(stacked, requires_grad=first.requires_grad)
+        module_name, _, param_name = name.rpartition(".")
+        for seed, nets in enumerate(seed_nets):
+            setattr(nets.get_submodule(module_name), param_name,
+                    nn.Parameter(params[name].detach()[seed], requires_grad=first.requires_grad))
+    return params
+
+
+def make_agent(cfg: Config, observation_shape: tuple[int, ...], action_dim: int) -> "FQLAgent":
+    """An agent for cfg.seeds: each seed's networks are initialised from torch.manual_seed(seed), and its
+    batches and noise come from a generator seeded from that seed's stream right after; so a seed in a
+    group starts and trains exactly as `--seed seed` alone."""
+    seed_nets, generators = [], []
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        seed_nets.append(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device))
+        generators.append(torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ()))))
+    return FQLAgent(seed_nets if len(seed_nets) > 1 else seed_nets[0], cfg, generators)
+
+
+# ----------------------------------------------------------------------------------------------
 # Agent: one Adam step on the summed loss, then the Polyak target update
 # ----------------------------------------------------------------------------------------------
 class FQLAgent:
-    def __init__(self, nets: FQLNetworks, cfg: Config):
-        self.nets, self.cfg = nets, cfg
-        self.observation_shape, self.action_dim = nets.observation_shape, nets.actor_onestep.net[-1].out_features
+    """An FQL agent: `nets`, one FQLNetworks; or a group, a list of them (one per seed), whose batches, noise,
+    observations, actions and metrics carry a leading seed dimension. `generators`: each seed's
+    torch.Generator for its batches and noise (default: torch's global one)."""
+
+    def __init__(self, nets: FQLNetworks | list, cfg: Config, generators: list | None = None):
+        self.grouped = isinstance(nets, list)
+        self.seed_nets, self.cfg = nets if self.grouped else [nets], cfg
+        self.nets = self.seed_nets[0]  # a single agent's networks (a group's first seed)
+        self.generators = generators or [None] * len(self.seed_nets)
+        self.observation_shape, self.action_dim = self.nets.observation_shape, self.nets.actor_onestep.net[-1].out_features
+        self.params = stack_parameters(self.seed_nets)
+        self.critic_params = [p for name, p in self.params.items() if name.startswith("critic.")]
+        self.target_params = [p for name, p in self.params.items() if name.startswith("target_critic.")]
+        self.actor_params = {name.removeprefix("actor_onestep."): p for name, p in self.params.items()
+                             if name.startswith("actor_onestep.")}
         on_cuda = torch.device(cfg.device).type == "cuda"
         # fused: one kernel for all parameters; capturable: Adam's step counters live on the GPU,
         # so the whole update can be recorded in a CUDA graph
-        self.optimizer = torch.optim.Adam(nets.trainable_parameters(), lr=cfg.lr, fused=True, capturable=on_cuda)
-        self.critic_params = list(nets.critic.parameters())
-        self.target_params = list(nets.target_critic.parameters())
-        # torch.compile fuses the losses' forward and backward; Adam is already one fused kernel
-        self.losses = torch.compile(fql_losses) if cfg.compile else fql_losses
+        self.optimizer = torch.optim.Adam([p for p in self.params.values() if p.requires_grad], lr=cfg.lr,
+                                          fused=True, capturable=on_cuda)
+        # torch.compile fuses the losses' forward and backward; Adam is already one fused kernel. Shapes and
+        # config numbers are fixed for a run, so nothing is compiled for dynamic shapes.
+        self.losses = torch.compile(self.losses_eager, dynamic=False) if cfg.compile else self.losses_eager
         self.sample_actions = self.sample_actions_eager
         if cfg.compile:  # on CUDA, also replayed as a CUDA graph per input shape
-            self.sample_actions = torch.compile(self.sample_actions_eager,
+            self.sample_actions = torch.compile(self.sample_actions_eager, dynamic=False,
                                                 mode="reduce-overhead" if on_cuda else "default")
 
+    def losses_eager(self, batch: dict, noise: dict, with_metrics: bool = False):
+        """The summed loss of every seed and each seed's metrics: fql_losses mapped over the seeds."""
+        def seed_losses(seed_params, seed_batch, seed_noise):
+            return torch.func.functional_call(self.nets, seed_params, (seed_batch, seed_noise, self.cfg, with_metrics))
+
+        inputs_dim = 0 if self.grouped else None  # a single agent's batch and noise have no seed dimension
+        losses, metrics = torch.vmap(seed_losses, in_dims=(0, inputs_dim, inputs_dim))(self.params, batch, noise)
+        return losses.sum(), metrics
+
     def update(self, batch: dict, noise: dict, with_metrics: bool = False) -> dict:
-        loss, metrics = self.losses(self.nets, batch, noise, self.cfg, with_metrics)
+        loss, metrics = self.losses(batch, noise, with_metrics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The official code moves the target towards the critic's parameters from before this step,
@@ -601,40 +681,67 @@ class FQLAgent:
         with torch.no_grad():
             torch._foreach_lerp_(self.target_params, self.critic_params, self.cfg.tau)
         self.optimizer.step()
-        return metrics
+        return metrics if self.grouped else {k: v[0] for k, v in metrics.items()}
+
+    def draw(self, sample) -> tuple[dict, dict]:
+        """(batch, noise) of one update: each seed's from its own generator (`sample(batch_size, generator)`)."""
+        noises, batches = zip(*[(draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device, generator),
+                                 sample(self.cfg.batch_size, generator)) for generator in self.generators])
+        if not self.grouped:
+            return batches[0], noises[0]
+        return [{k: torch.stack([d[k] for d in draws]) for k in draws[0]} for draws in (batches, noises)]
 
     def train_step(self, sample, with_metrics: bool = False) -> dict:
-        """Sample a batch (`sample(batch_size)`) and the noise on the device, then update."""
-        noise = draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device)
-        return self.update(sample(self.cfg.batch_size), noise, with_metrics)
+        """Sample a batch and the noise on the device, then update."""
+        return self.update(*self.draw(sample), with_metrics)
 
     def sample_actions_eager(self, obs: torch.Tensor) -> torch.Tensor:
-        """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]."""
+        """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]; a group maps each seed's
+        observations through its own policy."""
         batch_shape = obs.shape[: obs.dim() - len(self.observation_shape)]
         z = torch.randn((*batch_shape, self.action_dim), device=obs.device)
-        return self.nets.actor_onestep(obs, z).clamp(-1, 1)
+        if not self.grouped:
+            return self.nets.actor_onestep(obs, z).clamp(-1, 1)
+        policy = functools.partial(torch.func.functional_call, self.nets.actor_onestep)
+        return torch.vmap(lambda params, o, noise: policy(params, (o, noise)))(self.actor_params, obs, z).clamp(-1, 1)
 
     @torch.no_grad()
     def act(self, observations: np.ndarray) -> np.ndarray:
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
         return self.sample_actions(obs).cpu().numpy()
 
-    def state_dict(self) -> dict:
-        return dict(nets=self.nets.state_dict(), optimizer=self.optimizer.state_dict())
+    def state_dict(self, seed_index: int = 0) -> dict:
+        """One seed's networks and Adam state, laid out as a single agent's (copies: a view would save the
+        whole group's storage)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: (v if k == "step" else v[seed_index]).clone() for k, v in state.items()}
+                              for i, state in optimizer["state"].items()}
+        return dict(nets={k: v.clone() for k, v in self.seed_nets[seed_index].state_dict().items()},
+                    optimizer=optimizer)
 
-    def load_state_dict(self, state: dict):
-        self.nets.load_state_dict(state["nets"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict, seed_index: int = 0):
+        """Restore one seed. Adam's own flags (fused, capturable) stay those of this agent's device."""
+        self.seed_nets[seed_index].load_state_dict(state["nets"])
+        params = self.optimizer.param_groups[0]["params"]
+        for i, saved in state["optimizer"]["state"].items():  # empty before the first update
+            current = self.optimizer.state[params[i]]
+            if not current:  # a new agent: Adam's state as its first step would create it
+                current.update(step=torch.zeros((), device=params[i].device), exp_avg=torch.zeros_like(params[i]),
+                               exp_avg_sq=torch.zeros_like(params[i]))
+            current["step"].copy_(saved["step"])
+            current["exp_avg"][seed_index] = saved["exp_avg"]
+            current["exp_avg_sq"][seed_index] = saved["exp_avg_sq"]
 
 
 class CUDAGraphStep:
     """Record `fn` (no arguments) once as a CUDA graph, then replay it: one launch per training step
     instead of hundreds of small kernels. The first call runs `fn` for real (which also compiles it and
     creates Adam's state), the recording does not run it, and every later call replays the recording.
-    `fn` must read and write only tensors at fixed addresses: the dataset, parameters, Adam's state."""
+    `fn` must read and write only tensors at fixed addresses: the dataset, parameters, Adam's state; the
+    `generators` it draws from advance at each replay."""
 
-    def __init__(self, fn):
-        self.fn, self.graph, self.outputs = fn, None, None
+    def __init__(self, fn, generators: list = ()):
+        self.fn, self.generators, self.graph, self.outputs = fn, generators, None, None
 
     def __call__(self) -> dict:
         if self.graph is not None:
@@ -646,6 +753,9 @@ class CUDAGraphStep:
             outputs = self.fn()
         torch.cuda.current_stream().wait_stream(side_stream)
         self.graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            if generator is not None:
+                self.graph.register_generator_state(generator)
         with torch.cuda.graph(self.graph):
             self.outputs = self.fn()
         return outputs
@@ -656,7 +766,7 @@ def make_train_step(agent: FQLAgent, sample):
     each variant (plain, and with the metrics of log steps) is a CUDA graph recorded once."""
     variants = {m: functools.partial(agent.train_step, sample, m) for m in (False, True)}
     if agent.cfg.cuda_graph and torch.device(agent.cfg.device).type == "cuda":
-        variants = {m: CUDAGraphStep(fn) for m, fn in variants.items()}
+        variants = {m: CUDAGraphStep(fn, agent.generators) for m, fn in variants.items()}
     return lambda with_metrics: variants[with_metrics]()
 
 
@@ -669,11 +779,14 @@ RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", 
                      "benchmark"}
 
 
-def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, online_state: dict | None = None):
-    """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact.
-    `online_state`: fine-tuning's replay buffer (its online transitions), which travels along."""
-    state = dict(agent.state_dict(), step=step, config=dataclasses.asdict(cfg), action_dim=agent.action_dim,
+def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, online_state: dict | None = None,
+                    seed_index: int = 0):
+    """One seed's checkpoint. Written to a temporary file, then renamed: a kill mid-write leaves the previous
+    checkpoint intact. `online_state`: fine-tuning's replay buffer (its online transitions)."""
+    generator = agent.generators[seed_index]
+    state = dict(agent.state_dict(seed_index), step=step, config=dataclasses.asdict(cfg), action_dim=agent.action_dim,
                  observation_shape=agent.observation_shape, buffer=online_state, rng=dict(
+                     generator=generator.get_state() if generator is not None else None,
                      torch=torch.get_rng_state(), numpy=np.random.get_state(),
                      cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     tmp = path + ".tmp"
@@ -681,8 +794,8 @@ def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, online_s
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, agent: FQLAgent, cfg: Config) -> dict:
-    """Restore a killed run: networks, optimiser and RNG states; returns the checkpoint (its step, buffer)."""
+def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, seed_index: int = 0) -> dict:
+    """Restore one seed of a killed run: networks, optimiser and RNG states; returns the checkpoint."""
     if not os.path.exists(path):
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume, or pass the run's --run_dir")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -691,7 +804,10 @@ def load_checkpoint(path: str, agent: FQLAgent, cfg: Config) -> dict:
     if changed:
         raise UsageError(f"--resume: this command differs from the checkpoint's run in {', '.join(changed)}; "
                          "give the same flags as the original run")
-    agent.load_state_dict(state)
+    agent.load_state_dict(state, seed_index)
+    generator = agent.generators[seed_index]
+    if generator is not None and state["rng"].get("generator") is not None:
+        generator.set_state(state["rng"]["generator"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -724,48 +840,54 @@ class CSVLog:
 # Training loop
 # ----------------------------------------------------------------------------------------------
 def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | None = None) -> FQLAgent:
-    """Offline training, then, with --online_steps, online fine-tuning. The environment side comes from
-    outside (eval.py gives both; fql.py alone trains offline without evaluation):
-      evaluate(policy, seed) -> {"success", "return", "length", ...}: episodes of `policy` in the env;
+    """Offline training of every seed in cfg.seeds, then, with --online_steps, online fine-tuning. The
+    environment side comes from outside (eval.py gives both; fql.py alone trains offline without evaluation):
+      evaluate(policy, seeds) -> a result {"success", "return", "length", ...} per seed: episodes of the
+        policy in the env, episode i of seed k from reset(seed=seeds[k] + i); a group's policy maps
+        observations with a leading seed dimension;
       finetuning(cfg, train_data) -> an object with collect(policy) (one env step into its replay buffer),
-        sample(batch_size), log() (a dict for train.csv), state_dict() and load_state_dict().
+        sample(batch_size, generator), log() (a dict for train.csv), state_dict() and load_state_dict().
     `init_checkpoint` starts from a saved agent (networks, optimiser, step): eval.py finetune uses it."""
     cfg = resolve_config(cfg)
+    runs = [seed_config(cfg, seed) for seed in cfg.seeds]  # each seed's run and its folder
+    checkpoints = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
     if cfg.online_steps and finetuning is None:
         raise UsageError("--online_steps needs eval.py beside fql.py: it steps the environment")
-    ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
-    if not cfg.resume and os.path.exists(ckpt_path):
-        raise UsageError(f"{cfg.run_dir} already holds a run; add --resume to continue it, "
-                         "or pass another --run_dir")
-    torch.manual_seed(cfg.seed)
+    for run, path in zip(runs, checkpoints):
+        if not cfg.resume and os.path.exists(path):
+            raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, "
+                             "or pass another --run_dir")
     np.random.seed(cfg.seed)
     if cfg.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX uses by default on GPU
 
     train_set, val_set = load_datasets(cfg.env, cfg.dataset_dir)
-    train_data = to_device(train_set, cfg.device)
+    train_data = to_device(train_set, cfg.device)  # one copy on the device, shared by all seeds
     val_data = to_device(val_set, cfg.device) if val_set else None
     observation_shape, action_dim = stacked_shape(train_data, cfg.frame_stack), train_data["actions"].shape[1]
-    agent = FQLAgent(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device), cfg)
+    agent = make_agent(cfg, observation_shape, action_dim)
     offline_step = make_train_step(agent, make_sampler(train_data, cfg.frame_stack, cfg.p_aug))
     online = finetuning(cfg, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
 
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    for run in runs:
+        os.makedirs(run.run_dir, exist_ok=True)
+        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(run), f, indent=1)
     start = 0
     if cfg.resume:
-        state = load_checkpoint(ckpt_path, agent, cfg)
-        start = state["step"]
-        if online and state["buffer"] is not None:
-            online.load_state_dict(state["buffer"])
+        states = [load_checkpoint(path, agent, run, i) for i, (run, path) in enumerate(zip(runs, checkpoints))]
+        if len({state["step"] for state in states}) > 1:
+            raise UsageError("--resume: the seeds' checkpoints are at different steps; resume each with --seed N")
+        start = states[0]["step"]
+        if online and states[0]["buffer"] is not None:
+            online.load_state_dict(states[0]["buffer"])
     elif init_checkpoint:
         state = torch.load(init_checkpoint, map_location="cpu", weights_only=False)
         agent.load_state_dict(state)
         start = state["step"]
-    train_log = CSVLog(os.path.join(cfg.run_dir, "train.csv"), keep_until_step=start)
-    eval_log = CSVLog(os.path.join(cfg.run_dir, "eval.csv"), keep_until_step=start)
+    train_logs = [CSVLog(os.path.join(run.run_dir, "train.csv"), keep_until_step=start) for run in runs]
+    eval_logs = [CSVLog(os.path.join(run.run_dir, "eval.csv"), keep_until_step=start) for run in runs]
     wandb = None
     if cfg.wandb_project:
         try:
@@ -776,7 +898,8 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
 
     total_steps = cfg.offline_steps + cfg.online_steps
     print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {observation_shape}, action "
-          f"{action_dim}, alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run dir {cfg.run_dir}")
+          f"{action_dim}, alpha {cfg.alpha}, seeds {' '.join(map(str, cfg.seeds))}, device {cfg.device}, "
+          f"compile {cfg.compile}, run dir {cfg.run_dir}")
     progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, unit="update",
                     smoothing=0.05)
     last_time, last_step = time.time(), start
@@ -789,34 +912,39 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
             metrics = online_step(with_metrics=log_now)
 
         if log_now:  # the only host synchronisation between steps
-            row = {"step": step, **{k: v.item() for k, v in metrics.items()}}
             if val_data is not None:
                 with torch.no_grad():
-                    val_batch = make_sampler(val_data, cfg.frame_stack, p_aug=0)(cfg.batch_size)
-                    val_noise = draw_noise(cfg.batch_size, action_dim, cfg.device)
-                    _, val_metrics = fql_losses(agent.nets, val_batch, val_noise, cfg, with_metrics=True)
-                row.update({f"validation/{k}": v.item() for k, v in val_metrics.items()})
-            if step > cfg.offline_steps:
-                row.update(online.log())
-            row["time/updates_per_sec"] = (step - last_step) / (time.time() - last_time)
+                    val_batch, val_noise = agent.draw(make_sampler(val_data, cfg.frame_stack, p_aug=0))
+                    val_metrics = agent.losses_eager(val_batch, val_noise, with_metrics=True)[1]
+                metrics = {**metrics, **{f"validation/{k}": v for k, v in val_metrics.items()}}
+            values = torch.stack([v.reshape(-1) for v in metrics.values()]).T.tolist()  # a row per seed
+            rate = (step - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), step
-            if not all(math.isfinite(v) for v in row.values()):
-                progress.write(f"warning: non-finite metrics at step {step}")
-            train_log.write(row)
-            progress.set_postfix(critic=f"{row['critic/critic_loss']:.3g}", bc=f"{row['actor/bc_flow_loss']:.3g}")
+            rows = [{"step": step, **dict(zip(metrics, seed_values))} for seed_values in values]
+            for row, log in zip(rows, train_logs):
+                row.update(online.log() if step > cfg.offline_steps else {}, **{"time/updates_per_sec": rate})
+                if not all(math.isfinite(v) for v in row.values()):
+                    progress.write(f"warning: non-finite metrics at step {step}")
+                log.write(row)
+            progress.set_postfix(critic=f"{rows[0]['critic/critic_loss']:.3g}", bc=f"{rows[0]['actor/bc_flow_loss']:.3g}")
             if wandb:
-                wandb.log(row, step=step)
+                wandb.log(rows[0], step=step)
 
         if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total_steps):
-            result = evaluate(agent.act, seed=cfg.seed + step)
-            eval_log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
-            progress.write(f"step {step}: success {result['success']:.3f}, return {result['return']:.1f}")
+            results = evaluate(agent.act, [seed + step for seed in cfg.seeds])
+            for result, log in zip(results, eval_logs):
+                log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
+            successes, returns = (" ".join(f"{r[k]:{form}}" for r in results) for k, form in
+                                  (("success", ".3f"), ("return", ".1f")))
+            progress.write(f"step {step}: success {successes}, return {returns}")
             if wandb:
-                wandb.log({f"evaluation/{k}": v for k, v in result.items()}, step=step)
+                wandb.log({f"evaluation/{k}": v for k, v in results[0].items()}, step=step)
             last_time = time.time()  # evaluation time does not count against updates/s
 
         if step % cfg.save_interval == 0 or step == total_steps:
-            save_checkpoint(ckpt_path, agent, step, cfg, online.state_dict() if step > cfg.offline_steps else None)
+            online_state = online.state_dict() if step > cfg.offline_steps else None
+            for i, (run, path) in enumerate(zip(runs, checkpoints)):
+                save_checkpoint(path, agent, step, run, online_state, seed_index=i)
     progress.close()
     return agent
 
@@ -824,10 +952,11 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
 # ----------------------------------------------------------------------------------------------
 # Benchmark: the training step in each execution mode, on random data
 # ----------------------------------------------------------------------------------------------
-def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, repeats: int = 3):
+def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, repeats: int = 3) -> dict:
     """`python fql.py --benchmark`: median updates/s of `repeats` timings of the training step after warm-up,
     in each execution mode, on random data with the env's shapes (one raw frame for pixels) and the
-    config's networks."""
+    config's networks; with several --seeds, also the whole group's steps/s. Returns {(mode, seeds):
+    (steps/s, the steps its Adam counted)}."""
     cfg = resolve_config(cfg)
     rng, n = np.random.default_rng(cfg.seed), 100_000 if len(observation_shape) == 1 else 10_000
     if len(observation_shape) == 1:
@@ -850,23 +979,31 @@ def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, 
     print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch {cfg.batch_size}, "
           f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
           f"torch {torch.__version__}")
+    results = {}
     for name, flags in modes.items():
-        mode_cfg = dataclasses.replace(cfg, **flags)
-        torch.manual_seed(cfg.seed)
-        agent = FQLAgent(FQLNetworks(observation_shape, action_dim, mode_cfg).to(cfg.device), mode_cfg)
-        step = make_train_step(agent, make_sampler(data, cfg.frame_stack, cfg.p_aug))
-        rates, start = [], time.perf_counter()
-        for _ in range(3):  # warm-up: compilation and graph recording happen here
-            step(False)
-        step(True)["critic/critic_loss"].item()  # waits for the device
-        warmup = time.perf_counter() - start
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(updates - 1):
+        for seeds in dict.fromkeys([cfg.seeds[:1], cfg.seeds]):  # one seed, then the group
+            agent = make_agent(dataclasses.replace(cfg, seeds=seeds, **flags), observation_shape, action_dim)
+            step = make_train_step(agent, make_sampler(data, cfg.frame_stack, cfg.p_aug))
+            rates, start = [], time.perf_counter()
+            for _ in range(3):  # warm-up: compilation and graph recording happen here
                 step(False)
-            step(True)["critic/critic_loss"].item()
-            rates.append(updates / (time.perf_counter() - start))
-        print(f"{name:<22} {np.median(rates):9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
+            step(True)["critic/critic_loss"].cpu()  # waits for the device
+            warmup = time.perf_counter() - start
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(updates - 1):
+                    step(False)
+                step(True)["critic/critic_loss"].cpu()
+                rates.append(updates / (time.perf_counter() - start))
+            rate, adam_steps = float(np.median(rates)), int(next(iter(agent.optimizer.state.values()))["step"])
+            results[name, len(seeds)] = rate, adam_steps
+            if len(seeds) == 1:
+                print(f"{name:<22} {rate:9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
+            else:
+                single = results[name, 1][0]
+                print(f"{name:<22} {rate:9.1f} steps/s of {len(seeds)} seeds = {rate * len(seeds):.1f} seed-updates/s, "
+                      f"{rate * len(seeds) / single:.2f}x one seed   (warm-up {warmup:5.1f} s)", flush=True)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------

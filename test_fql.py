@@ -35,8 +35,8 @@ def make_agent(obs_dim: int, action_dim: int, cfg: fql.Config) -> fql.FQLAgent:
     return fql.FQLAgent(fql.FQLNetworks((obs_dim,), action_dim, cfg), cfg)
 
 
-def random_batch(n: int, obs_dim: int, action_dim: int, dtype=torch.float32) -> dict:
-    g = torch.Generator().manual_seed(123)
+def random_batch(n: int, obs_dim: int, action_dim: int, dtype=torch.float32, seed: int = 123) -> dict:
+    g = torch.Generator().manual_seed(seed)
     return dict(
         observations=torch.randn(n, obs_dim, generator=g, dtype=dtype),
         actions=torch.rand(n, action_dim, generator=g, dtype=dtype) * 2 - 1,
@@ -46,8 +46,8 @@ def random_batch(n: int, obs_dim: int, action_dim: int, dtype=torch.float32) -> 
     )
 
 
-def fixed_noise(n: int, action_dim: int, dtype=torch.float32) -> dict:
-    g = torch.Generator().manual_seed(456)
+def fixed_noise(n: int, action_dim: int, dtype=torch.float32, seed: int = 456) -> dict:
+    g = torch.Generator().manual_seed(seed)
     return dict(x0=torch.randn(n, action_dim, generator=g, dtype=dtype),
                 t=torch.rand(n, 1, generator=g, dtype=dtype),
                 z=torch.randn(n, action_dim, generator=g, dtype=dtype),
@@ -246,9 +246,12 @@ def test_every_parameter_is_optimised_and_target_moves_by_tau():
     agent = make_agent(7, 3, cfg)
     nets = agent.nets
     in_optimiser = {id(p) for group in agent.optimizer.param_groups for p in group["params"]}
-    trained = [*nets.critic.parameters(), *nets.actor_bc_flow.parameters(), *nets.actor_onestep.parameters()]
-    assert in_optimiser == {id(p) for p in trained}
-    assert not in_optimiser & {id(p) for p in nets.target_critic.parameters()}
+    optimised = {name for name, p in agent.params.items() if id(p) in in_optimiser}
+    assert len(in_optimiser) == len(optimised)  # every optimised tensor is one of the stacked parameters
+    assert optimised == {f"{net}.{name}" for net in ("critic", "actor_bc_flow", "actor_onestep")
+                         for name, _ in getattr(nets, net).named_parameters()}
+    for name, p in nets.named_parameters():  # the modules hold views of the tensors Adam trains
+        assert p.data_ptr() == agent.params[name].data_ptr() and p.shape == agent.params[name].shape[1:]
 
     before = {name: p.detach().clone() for name, p in nets.named_parameters()}
     agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
@@ -314,6 +317,58 @@ def test_batched_critic_trains_like_two_separate_critics():
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for p, q in zip(batched.nets.actor_onestep.parameters(), loop.nets.actor_onestep.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seed groups: several agents as one batched computation
+# ----------------------------------------------------------------------------------------------
+def stack(dicts: list) -> dict:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_seed_group_trains_like_separate_agents(compile):
+    """A group of 3 seeds and 3 single-seed agents built with the same seeds start equal (parameters and
+    random streams) and, fed the same batches and noise, hold the same parameters after 20 updates."""
+    cfg = fql.resolve_config(make_config(seeds=(0, 1, 2), compile=compile))
+    group = fql.make_agent(cfg, (7,), 3)
+    singles = [fql.make_agent(fql.seed_config(cfg, seed), (7,), 3) for seed in cfg.seeds]
+    assert group.grouped and not any(single.grouped for single in singles)
+    for k, single in enumerate(singles):
+        assert torch.equal(group.generators[k].get_state(), single.generators[0].get_state())
+        for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[k].state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
+    assert not torch.equal(singles[0].nets.critic.net[0].weight, singles[1].nets.critic.net[0].weight)
+    for step in range(20):
+        batches = [random_batch(64, 7, 3, seed=100 * step + k) for k in range(3)]
+        noises = [fixed_noise(64, 3, seed=100 * step + k) for k in range(3)]
+        got = group.update(stack(batches), stack(noises), with_metrics=step % 10 == 0)
+        for k, single in enumerate(singles):
+            want = single.update(batches[k], noises[k], with_metrics=step % 10 == 0)
+            for key in want:
+                torch.testing.assert_close(got[key][k], want[key], msg=f"step {step} seed {k} {key}")
+    for k, single in enumerate(singles):
+        for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[k].state_dict().values(), strict=True):
+            torch.testing.assert_close(q, p, msg=name)
+        assert torch.equal(single.state_dict()["optimizer"]["state"][0]["step"], group.state_dict(k)["optimizer"]["state"][0]["step"])
+        torch.testing.assert_close(group.state_dict(k)["optimizer"]["state"][3]["exp_avg_sq"],
+                                   single.state_dict()["optimizer"]["state"][3]["exp_avg_sq"])
+    actions = group.act(np.zeros((3, 5, 7), np.float32))  # one policy call for all seeds
+    assert actions.shape == (3, 5, 3) and not np.allclose(actions[0], actions[1])
+
+
+def test_seeds_in_a_group_do_not_interact():
+    cfg = fql.resolve_config(make_config(seeds=(0, 1, 2)))
+    groups = [fql.make_agent(cfg, (7,), 3) for _ in range(2)]
+    for step in range(3):
+        batches = [random_batch(64, 7, 3, seed=10 * step + k) for k in range(3)]
+        noises = [fixed_noise(64, 3, seed=10 * step + k) for k in range(3)]
+        groups[0].update(stack(batches), stack(noises))
+        batches[1] = random_batch(64, 7, 3, seed=999 + step)  # only seed 1's batch differs
+        groups[1].update(stack(batches), stack(noises))
+    for name, p in groups[0].params.items():
+        assert torch.equal(p[0], groups[1].params[name][0]) and torch.equal(p[2], groups[1].params[name][2]), name
+    assert not torch.equal(groups[0].params["critic.net.0.weight"][1], groups[1].params["critic.net.0.weight"][1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,11 +507,11 @@ def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeyp
 
     real_sample, calls = fql.sample_batch, []
 
-    def killed_at_step_55(data, batch_size):
+    def killed_at_step_55(data, batch_size, generator=None):
         calls.append(1)
         if len(calls) == 55 + 5:  # 55 training batches + 5 validation batches (steps 10 to 50)
             raise KeyboardInterrupt
-        return real_sample(data, batch_size)
+        return real_sample(data, batch_size, generator)
 
     monkeypatch.setattr(fql, "sample_batch", killed_at_step_55)
     with pytest.raises(KeyboardInterrupt):
@@ -482,6 +537,52 @@ def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeyp
         run_cli(cube_data, tmp_path / "killed", *flags, "--resume", "--alpha", "1")
 
 
+def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tmp_path, monkeypatch):
+    """--seeds 0 1 writes a complete ordinary run folder per seed: seed 1 equals --seed 1 alone, a killed
+    group resumes exactly, and eval.py evaluates and plots the folders."""
+    flags = ("--offline_steps", "50", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
+    group = run_cli(cube_data, tmp_path / "group", *flags, "--seeds", "0", "1", "--eval_interval", "50",
+                    "--eval_episodes", "2")
+    single = run_cli(cube_data, tmp_path / "single", *flags, "--seed", "1")
+    for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+    for seed in (0, 1):
+        run = tmp_path / "group" / f"seed{seed}"
+        with open(run / "config.json") as f:
+            assert fql.json.load(f)["seed"] == seed
+        assert [r["step"] for r in read_csv(run / "train.csv")] == ["10", "20", "30", "40", "50"]
+        (evaluation,) = read_csv(run / "eval.csv")
+        assert evaluation["step"] == "50" and float(evaluation["evaluation/length"]) == 200
+        state = torch.load(run / "checkpoint.pt", weights_only=False)
+        assert state["step"] == 50 and state["config"]["seeds"] == (seed,)
+        for name, p in group.seed_nets[seed].state_dict().items():
+            assert torch.equal(state["nets"][name], p)
+    assert read_csv(tmp_path / "group" / "seed0" / "train.csv") != read_csv(tmp_path / "group" / "seed1" / "train.csv")
+
+    real_sample, calls = fql.sample_batch, []
+
+    def killed_at_step_45(data, batch_size, generator=None):
+        calls.append(1)
+        if len(calls) == 2 * 44 + 2 * 4 + 1:  # 2 seeds: 44 steps of training batches, 4 of validation ones
+            raise KeyboardInterrupt
+        return real_sample(data, batch_size, generator)
+
+    monkeypatch.setattr(fql, "sample_batch", killed_at_step_45)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(cube_data, tmp_path / "killed", *flags, "--seeds", "0", "1")
+    monkeypatch.undo()
+    resumed = run_cli(cube_data, tmp_path / "killed", *flags, "--seeds", "0", "1", "--resume")
+    for name, p in group.params.items():
+        torch.testing.assert_close(resumed.params[name], p, rtol=0, atol=0, msg=name)
+
+    result = fql_eval.main(["--checkpoint", str(tmp_path / "group" / "seed1"), "--episodes", "2", "--num_envs", "2",
+                            "--device", "cpu"])
+    assert result["step"] == 50 and result["episodes"] == 2
+    output = tmp_path / "seeds.png"
+    fql_eval.main(["plot", str(tmp_path / "group" / "seed0"), str(tmp_path / "group" / "seed1"), "--output", str(output)])
+    assert output.stat().st_size > 10_000
+
+
 def test_compiled_and_eager_updates_agree():
     torch.manual_seed(0)
     eager = make_agent(7, 3, make_config())
@@ -497,12 +598,14 @@ def test_compiled_and_eager_updates_agree():
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
 
 
-def test_benchmark_prints_updates_per_second_for_each_mode(capsys):
-    fql.main(["--benchmark", *SMALL, "--batch_size", "32", "--device", "cpu"])
+def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys):
+    results = fql.main(["--benchmark", *SMALL, "--batch_size", "32", "--device", "cpu", "--seeds", "0", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("FQL training step, observation (28,), action 5, batch 32")
-    rates = {line.split()[0]: float(line.split()[1]) for line in lines[1:]}
-    assert set(rates) == {"eager", "compile"} and min(rates.values()) > 0
+    assert list(results) == [("eager", 1), ("eager", 2), ("compile", 1), ("compile", 2)]
+    assert all(adam_steps == 4 + 3 * 20 for _, adam_steps in results.values())  # warm-up and 3 timed rounds ran
+    assert [line.split()[0] for line in lines[1:]] == ["eager", "eager", "compile", "compile"]
+    assert "steps/s of 2 seeds" in lines[2] and "seed-updates/s" in lines[2] and "x one seed" in lines[2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -523,6 +626,30 @@ def test_cuda_graph_replay_equals_eager_update():
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
     for p, q in zip(graphed.nets.parameters(), eager.nets.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_of_a_seed_group_draws_fresh_batches_and_equals_eager():
+    """The recorded step of a 3-seed group draws each seed's batch and noise from its own generator at
+    every replay, as the same group run eagerly does, and the compiled policy maps every seed."""
+    cfg = fql.resolve_config(make_config(device="cuda", compile=True, seeds=(0, 1, 2)))
+    graphed = fql.make_agent(cfg, (7,), 3)
+    eager = fql.make_agent(dataclasses.replace(cfg, compile=False), (7,), 3)  # same seeds: same start
+    data = fql.to_device({k: v.numpy() for k, v in random_batch(1000, 7, 3).items()}, "cuda")
+    step = fql.make_train_step(graphed, fql.make_sampler(data))
+    losses = []
+    for _ in range(4):  # the first call runs eagerly and records; the others replay the recording
+        want = eager.train_step(fql.make_sampler(data), with_metrics=True)
+        got = step(True)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+        losses.append(got["critic/critic_loss"].clone())
+    assert len({tuple(loss.tolist()) for loss in losses}) == 4  # new batches and noise at every replay
+    for name, p in eager.params.items():
+        torch.testing.assert_close(graphed.params[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    for _ in range(2):
+        actions = graphed.act(np.zeros((3, 4, 7), np.float32))
+        assert actions.shape == (3, 4, 3) and np.abs(actions).max() <= 1
 
 
 # ----------------------------------------------------------------------------------------------
