@@ -10,10 +10,13 @@ mujoco-py. Success follows OGBench: `info['success']` at the last step of an epi
 fql.py's training loop gets its evaluation and fine-tuning from here (`train`).
 """
 import csv
+import ctypes.util
 import dataclasses
 import functools
 import json
+import multiprocessing
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ from importlib.metadata import version
 
 import numpy as np
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before MuJoCo loads
+if ctypes.util.find_library("EGL"):  # headless rendering where EGL is installed; set before MuJoCo loads
+    os.environ.setdefault("MUJOCO_GL", "egl")
 import gymnasium  # noqa: E402
 import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
 import torch  # noqa: E402
@@ -53,7 +57,9 @@ def make_env(env_name: str, frame_stack: int | None = None, **kwargs) -> gymnasi
 
 def make_vector_env(env_name: str, num_envs: int, frame_stack: int | None = None) -> gymnasium.vector.VectorEnv:
     """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
-    hold CUDA and OpenMP threads, which fork would copy in a broken state."""
+    hold CUDA and OpenMP threads, which fork would copy in a broken state. The workers fork from one server
+    process that imports torch, MuJoCo and OGBench once, instead of importing them each (seconds apiece)."""
+    multiprocessing.set_forkserver_preload(["eval"])
     return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name, frame_stack)] * num_envs,
                                            context="forkserver")
 
@@ -149,8 +155,13 @@ def make_adroit_env(task: str, **kwargs) -> gymnasium.Env:
                          **kwargs)
     # gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door, hammer
     # and relocate rewards (Gymnasium-Robotics PR 220); for those versions D4RL's reward is recomputed
-    release = tuple(int(x) for x in version("gymnasium-robotics").split(".")[:3])
-    return D4RLAdroit(env, task, recompute_reward=task != "pen" and (1, 2, 1) <= release <= (1, 4, 2))
+    return D4RLAdroit(env, task, recompute_reward=task != "pen" and (1, 2, 1) <= release(
+        version("gymnasium-robotics")) <= (1, 4, 2))
+
+
+def release(version_string: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version such as 1.4.2, 1.5.0rc1 or 1.3.0.post1."""
+    return tuple(int(part) for part in re.match(r"[\d.]*", version_string)[0].split(".") if part)[:3]
 
 
 class D4RLAdroit(gymnasium.Wrapper):
@@ -283,9 +294,9 @@ class Evaluator:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, error_type, *_):
         if self.vector_env is not None:
-            self.vector_env.close()
+            self.vector_env.close(terminate=error_type is not None)  # after an error or Ctrl-C, end the workers
 
 
 def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, directory: str, frame_skip: int,
@@ -430,7 +441,7 @@ class Finetuning:
 def train(cfg: fql.Config, init_checkpoint: str | None = None) -> fql.FQLAgent:
     """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
     cfg = fql.resolve_config(cfg)
-    with Evaluator(cfg) as evaluate:
+    with Evaluator(cfg) as evaluate:  # its worker processes end with the block, whatever ends it
         return fql.train(cfg, evaluate, Finetuning, init_checkpoint)
 
 
@@ -448,8 +459,8 @@ def checkpoint_path(path: str) -> str:
 
 def load_agent(path: str, device: str) -> tuple[fql.FQLAgent, dict]:
     """The agent saved in a checkpoint, on `device`, and the checkpoint's other contents."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = fql.resolve_config(fql.Config(**{**state["config"], "device": device}))
+    state = fql.read_checkpoint(path)
+    cfg = fql.resolve_config(fql.checkpoint_config(state, device=device))
     agent = fql.FQLAgent(fql.FQLNetworks(state["observation_shape"], state["action_dim"], cfg).to(cfg.device), cfg)
     agent.load_state_dict(state)
     return agent, state
@@ -588,9 +599,11 @@ def run_evaluation(args: EvalArgs) -> dict:
                              f"{shapes[1]}")
     vector_env = make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()),
                                       agent.cfg.frame_stack)
-    with tqdm(total=args.episodes, unit="episode") as progress:
-        result = with_score(env_name, evaluate_parallel(agent.act, vector_env, args.episodes, args.seed, progress))
-    vector_env.close()
+    try:
+        with tqdm(total=args.episodes, unit="episode") as progress:
+            result = with_score(env_name, evaluate_parallel(agent.act, vector_env, args.episodes, args.seed, progress))
+    finally:  # after an error or Ctrl-C, the workers are ended, not waited for
+        vector_env.close(terminate=sys.exc_info()[0] is not None)
     result = dict(result, env=env_name, episodes=args.episodes, seed=args.seed, step=state["step"], checkpoint=path)
     run_dir = os.path.dirname(path)
     if args.video_episodes:
@@ -606,10 +619,10 @@ def run_evaluation(args: EvalArgs) -> dict:
 
 def run_finetune(args: FinetuneArgs) -> fql.FQLAgent:
     path = checkpoint_path(args.checkpoint)
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = fql.read_checkpoint(path)
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(path)) + "-finetune"
     overrides = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
-    cfg = fql.Config(**{**saved["config"], **overrides, "run_dir": run_dir, "offline_steps": saved["step"]})
+    cfg = fql.checkpoint_config(saved, **{**overrides, "run_dir": run_dir, "offline_steps": saved["step"]})
     return train(cfg, init_checkpoint=path)
 
 
@@ -628,6 +641,9 @@ def main(argv: list[str] | None = None):
             return run_evaluation(tyro.cli(EvalArgs, args=rest, use_underscores=True, description=__doc__))
     except UsageError as err:
         sys.exit(f"eval.py: error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("eval.py: interrupted" + ("; the same command with --resume continues the fine-tuning run"
+                                           if command == "finetune" else ""))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import socket
 import sys
 import time
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from typing import Literal
 
@@ -199,25 +200,34 @@ def resolve_config(cfg: Config) -> Config:
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
               for k, v in {**DEFAULTS, **env_defaults}.items()}
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPUs; use --device cpu")
     if cfg.seed is not None and cfg.seeds and cfg.seed != cfg.seeds[0]:
         raise UsageError("give --seed N or --seeds N1 N2 ..., not both")
     seeds = tuple(cfg.seeds or (cfg.seed or 0,))
     if len(set(seeds)) < len(seeds):
         raise UsageError(f"--seeds has a seed twice: {' '.join(map(str, seeds))}")
-    run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{{seed}}")
+    run_dir = os.path.normpath(cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{{seed}}"))
     if len(seeds) > 1 and "{seed}" not in run_dir:
         run_dir = os.path.join(run_dir, "seed{seed}")  # a group's runs: one folder per seed
     elif len(seeds) == 1:
         run_dir = run_dir.replace("{seed}", str(seeds[0]))
     cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=run_dir, seed=seeds[0], seeds=seeds, **filled)
-    for field in ("buffer_size", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes"):
-        if getattr(cfg, field) <= 0:
-            raise UsageError(f"--{field} must be positive, got {getattr(cfg, field)}")
-    for field in ("offline_steps", "online_steps", "eval_interval"):
-        if getattr(cfg, field) < 0:
-            raise UsageError(f"--{field} must be >= 0, got {getattr(cfg, field)}")
+    checks = [(name, getattr(cfg, name) > 0, "positive") for name in
+              ("buffer_size", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes")]
+    checks += [(name, getattr(cfg, name) >= 0, ">= 0") for name in ("offline_steps", "online_steps", "eval_interval")]
+    checks += [("alpha", 0 <= cfg.alpha < math.inf, "a finite number >= 0"), ("lr", 0 < cfg.lr < math.inf, "a finite "
+               "number > 0"), ("tau", 0 < cfg.tau <= 1, "in (0, 1]"), ("discount", 0 <= cfg.discount <= 1, "in [0, 1]"),
+               ("p_aug", cfg.p_aug is None or 0 <= cfg.p_aug <= 1, "in [0, 1]")]  # nan fails every comparison
+    for name, valid, allowed in checks:
+        if not valid:
+            raise UsageError(f"--{name} must be {allowed}, got {getattr(cfg, name)}")
     if cfg.offline_steps + cfg.online_steps == 0:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
+    if not cfg.env.startswith("visual-") and (cfg.encoder or cfg.frame_stack or cfg.p_aug is not None):
+        raise UsageError(f"--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs; {cfg.env} has states")
     if cfg.env.startswith("visual-") and not (cfg.encoder and cfg.frame_stack and cfg.frame_stack >= 1):
         raise UsageError(f"{cfg.env} has pixel observations: give --encoder and --frame_stack >= 1")
     if cfg.env.startswith("visual-") and cfg.online_steps:
@@ -247,7 +257,6 @@ def load_datasets(env_name: str, dataset_dir: str) -> tuple[dict, dict | None]:
     splits = env_name.split("-")
     dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])
     dataset_dir = os.path.expanduser(dataset_dir)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for pixel envs; set before MuJoCo loads
     import ogbench
 
     files = [f"{dataset_name}.npz", f"{dataset_name}-val.npz"]
@@ -261,9 +270,14 @@ def load_datasets(env_name: str, dataset_dir: str) -> tuple[dict, dict | None]:
                              f"downloaded ({err}). Copy them there, or pass --dataset_dir DIR.") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
-    # Pixel datasets stay compact (each frame once, s' = the next row), not doubled by next_observations
-    env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir,
-                                                    compact_dataset=env_name.startswith("visual-"))
+    try:  # pixel datasets stay compact (each frame once, s' = the next row), not doubled by next_observations
+        env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir,
+                                                        compact_dataset=env_name.startswith("visual-"))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        broken = [f for f in files if not zipfile.is_zipfile(os.path.join(dataset_dir, f))] or files
+        raise UsageError(f"{' or '.join(os.path.join(dataset_dir, f) for f in broken)} is not a readable OGBench "
+                         f"dataset ({type(err).__name__}; an interrupted download?): delete it to download it "
+                         "again, or copy a whole one there") from None
     env.close()  # the env relabels the rewards for its task; eval.py makes its own to step
     return train, val
 
@@ -286,11 +300,15 @@ def load_d4rl(name: str) -> dict:
         except OSError as err:
             raise UsageError(f"D4RL file {os.path.basename(path)} is not in {directory} and could not be downloaded "
                              f"({err}). Download {url} into that folder (or set D4RL_DATASET_DIR).") from None
-    with h5py.File(path, "r") as f:
-        if "timeouts" not in f:
-            raise UsageError(f"{path} has no 'timeouts'; the D4RL v2 antmaze and v1 adroit files have them")
-        observations, actions = f["observations"][:].astype(np.float32), f["actions"][:].astype(np.float32)
-        rewards, dones, timeouts = f["rewards"][:].astype(np.float32), f["terminals"][:], f["timeouts"][:]
+    try:
+        with h5py.File(path, "r") as f:
+            if "timeouts" not in f:
+                raise UsageError(f"{path} has no 'timeouts'; the D4RL v2 antmaze and v1 adroit files have them")
+            observations, actions = f["observations"][:].astype(np.float32), f["actions"][:].astype(np.float32)
+            rewards, dones, timeouts = f["rewards"][:].astype(np.float32), f["terminals"][:], f["timeouts"][:]
+    except (OSError, KeyError) as err:
+        raise UsageError(f"{path} is not a readable D4RL file ({err}): delete it to download it again, or copy "
+                         "a whole one there") from None
 
     # d4rl.qlearning_dataset: transition i goes to i + 1; the last step of a timed-out episode is dropped
     keep = ~timeouts[:-1].astype(bool)
@@ -658,10 +676,9 @@ class FQLAgent:
         # torch.compile fuses the losses' forward and backward; Adam is already one fused kernel. Shapes and
         # config numbers are fixed for a run, so nothing is compiled for dynamic shapes.
         self.losses = torch.compile(self.losses_eager, dynamic=False) if cfg.compile else self.losses_eager
-        self.sample_actions = self.sample_actions_eager
+        self.policy = self.policy_eager
         if cfg.compile:  # on CUDA, also replayed as a CUDA graph per input shape
-            self.sample_actions = torch.compile(self.sample_actions_eager, dynamic=False,
-                                                mode="reduce-overhead" if on_cuda else "default")
+            self.policy = torch.compile(self.policy_eager, dynamic=False, mode="reduce-overhead" if on_cuda else "default")
 
     def losses_eager(self, batch: dict, noise: dict, with_metrics: bool = False):
         """The summed loss of every seed and each seed's metrics: fql_losses mapped over the seeds."""
@@ -695,11 +712,9 @@ class FQLAgent:
         """Sample a batch and the noise on the device, then update."""
         return self.update(*self.draw(sample), with_metrics)
 
-    def sample_actions_eager(self, obs: torch.Tensor) -> torch.Tensor:
-        """Stochastic policy: mu(s, z) with fresh z ~ N(0, I), clipped to [-1, 1]; a group maps each seed's
-        observations through its own policy."""
-        batch_shape = obs.shape[: obs.dim() - len(self.observation_shape)]
-        z = torch.randn((*batch_shape, self.action_dim), device=obs.device)
+    def policy_eager(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The one-step policy mu(s, z), clipped to [-1, 1]; a group maps each seed's observations through
+        its own policy."""
         if not self.grouped:
             return self.nets.actor_onestep(obs, z).clamp(-1, 1)
         policy = functools.partial(torch.func.functional_call, self.nets.actor_onestep)
@@ -707,8 +722,11 @@ class FQLAgent:
 
     @torch.no_grad()
     def act(self, observations: np.ndarray) -> np.ndarray:
+        """Actions of the stochastic policy: mu(s, z) with fresh z ~ N(0, I), drawn outside the compiled policy
+        so that compiled and eager runs act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
-        return self.sample_actions(obs).cpu().numpy()
+        z = torch.randn((*obs.shape[: obs.dim() - len(self.observation_shape)], self.action_dim), device=obs.device)
+        return self.policy(obs, z).cpu().numpy()
 
     def state_dict(self, seed_index: int = 0) -> dict:
         """One seed's networks and Adam state, laid out as a single agent's (copies: a view would save the
@@ -773,62 +791,98 @@ def make_train_step(agent: FQLAgent, sample):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and logs: nothing written is lost when a run is killed
 # ----------------------------------------------------------------------------------------------
-# Fields that may change between a killed run and its resumption
+# Fields that may change between a killed run and its resumption (run_dir: the same folder, spelled otherwise)
 RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", "eval_interval", "eval_episodes",
                      "save_interval", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
-                     "benchmark"}
+                     "benchmark", "run_dir"}
 
 
-def save_checkpoint(path: str, agent: FQLAgent, step: int, cfg: Config, online_state: dict | None = None,
-                    seed_index: int = 0):
-    """One seed's checkpoint. Written to a temporary file, then renamed: a kill mid-write leaves the previous
-    checkpoint intact. `online_state`: fine-tuning's replay buffer (its online transitions)."""
-    generator = agent.generators[seed_index]
-    state = dict(agent.state_dict(seed_index), step=step, config=dataclasses.asdict(cfg), action_dim=agent.action_dim,
-                 observation_shape=agent.observation_shape, buffer=online_state, rng=dict(
-                     generator=generator.get_state() if generator is not None else None,
-                     torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def save_checkpoints(agent: FQLAgent, step: int, runs: list, online_state: dict | None = None):
+    """Each seed's checkpoint.pt in its run's folder (runs: the seeds' configs). All are written to temporary
+    files first, then renamed: a kill mid-write leaves the previous checkpoints intact, and a kill between a
+    group's renames is finished by --resume. `online_state`: fine-tuning's replay buffer."""
+    paths = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
+    for i, (run, path) in enumerate(zip(runs, paths)):
+        generator = agent.generators[i]
+        torch.save(dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run), action_dim=agent.action_dim,
+                        observation_shape=agent.observation_shape, buffer=online_state, rng=dict(
+                            generator=generator.get_state() if generator is not None else None,
+                            torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
+                   path + ".tmp")
+    for path in paths:
+        os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint's contents, or one clear line if the file is not a whole checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load fails in many ways on a truncated or foreign file
+        raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}; truncated?); delete it to "
+                         "start over, or restore a copy") from None
+    if not (isinstance(state, dict) and {"nets", "optimizer", "step", "config"} <= state.keys()):
+        raise UsageError(f"{path} is not a checkpoint of fql.py; give a run folder or its checkpoint.pt")
+    return state
+
+
+def checkpoint_config(state: dict, **changes) -> Config:
+    """The config a checkpoint was trained with (fields of another version of fql.py left out), changed."""
+    names = {field.name for field in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in {**state["config"], **changes}.items() if k in names})
+
+
+def check_same_run(saved: dict, cfg: Config):
+    """Refuse to resume a run whose saved config differs from this command's beyond what a resumption may
+    change; a field the saved config lacks (an older fql.py) counts as unchanged."""
+    saved, new = (json.loads(json.dumps(c)) for c in (saved, dataclasses.asdict(cfg)))  # tuples as lists
+    changed = [k for k, v in new.items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v]
+    if changed:
+        raise UsageError(f"--resume: this command differs from the run in {cfg.run_dir} in {', '.join(changed)}; "
+                         "give the same flags as the original run")
 
 
 def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, seed_index: int = 0) -> dict:
     """Restore one seed of a killed run: networks, optimiser and RNG states; returns the checkpoint."""
     if not os.path.exists(path):
-        raise UsageError(f"--resume: no checkpoint at {path}; start without --resume, or pass the run's --run_dir")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    changed = [k for k, v in dataclasses.asdict(cfg).items()
-               if k not in RESUMABLE_CHANGES and state["config"].get(k) != v]
-    if changed:
-        raise UsageError(f"--resume: this command differs from the checkpoint's run in {', '.join(changed)}; "
-                         "give the same flags as the original run")
+        raise UsageError(f"--resume: no checkpoint at {path} while the group's other seeds have one; "
+                         "resume with the seeds the group started with")
+    state = read_checkpoint(path)
+    check_same_run(state["config"], cfg)
     agent.load_state_dict(state, seed_index)
-    generator = agent.generators[seed_index]
-    if generator is not None and state["rng"].get("generator") is not None:
-        generator.set_state(state["rng"]["generator"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    generator, rng = agent.generators[seed_index], state["rng"]
+    if generator is not None and rng.get("generator") is not None:
+        try:
+            generator.set_state(rng["generator"])
+        except RuntimeError:  # saved on another kind of device: its stream cannot move, start a new one
+            generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and len(rng["cuda"]) <= torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
 class CSVLog:
     """Rows of metrics in a CSV file, rewritten atomically at each row (a few hundred rows per run), so
     columns that appear later (fine-tuning's) widen the file. Rows after `keep_until_step` (written
-    after the checkpoint a run resumes from) are dropped."""
+    after the checkpoint a run resumes from) are dropped at once."""
 
     def __init__(self, path: str, keep_until_step: int):
         self.path, self.rows = path, []
         if os.path.exists(path):
             with open(path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+                rows = list(csv.DictReader(f))
+            self.rows = [r for r in rows if int(r["step"]) <= keep_until_step]
+            if len(self.rows) < len(rows):
+                self.save()
 
     def write(self, row: dict):
         self.rows.append(row)
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        self.save()
+
+    def save(self):
+        fields = list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"]
         with open(self.path + ".tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fields)
             writer.writeheader()
@@ -851,12 +905,17 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
     cfg = resolve_config(cfg)
     runs = [seed_config(cfg, seed) for seed in cfg.seeds]  # each seed's run and its folder
     checkpoints = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
+    resuming = cfg.resume and any(os.path.exists(path) for path in checkpoints)
     if cfg.online_steps and finetuning is None:
         raise UsageError("--online_steps needs eval.py beside fql.py: it steps the environment")
     for run, path in zip(runs, checkpoints):
         if not cfg.resume and os.path.exists(path):
             raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, "
                              "or pass another --run_dir")
+        config_file = os.path.join(run.run_dir, "config.json")
+        if cfg.resume and not resuming and os.path.exists(config_file):  # killed before its first checkpoint
+            with open(config_file) as f:
+                check_same_run(json.load(f), run)
     np.random.seed(cfg.seed)
     if cfg.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX uses by default on GPU
@@ -870,22 +929,27 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
     online = finetuning(cfg, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
 
-    for run in runs:
-        os.makedirs(run.run_dir, exist_ok=True)
-        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(run), f, indent=1)
     start = 0
-    if cfg.resume:
+    if resuming:
+        if len({read_checkpoint(path)["step"] for path in checkpoints if os.path.exists(path)}) > 1:
+            for path in checkpoints:  # a group killed between its renames: each .tmp was whole before the first
+                if os.path.exists(path + ".tmp"):
+                    os.replace(path + ".tmp", path)
         states = [load_checkpoint(path, agent, run, i) for i, (run, path) in enumerate(zip(runs, checkpoints))]
-        if len({state["step"] for state in states}) > 1:
-            raise UsageError("--resume: the seeds' checkpoints are at different steps; resume each with --seed N")
         start = states[0]["step"]
         if online and states[0]["buffer"] is not None:
             online.load_state_dict(states[0]["buffer"])
-    elif init_checkpoint:
-        state = torch.load(init_checkpoint, map_location="cpu", weights_only=False)
-        agent.load_state_dict(state)
-        start = state["step"]
+    else:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {', '.join(run.run_dir for run in runs)} yet; starting from the beginning")
+        if init_checkpoint:
+            state = read_checkpoint(init_checkpoint)
+            agent.load_state_dict(state)
+            start = state["step"]
+    for run in runs:  # written once the run is accepted
+        os.makedirs(run.run_dir, exist_ok=True)
+        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(run), f, indent=1)
     train_logs = [CSVLog(os.path.join(run.run_dir, "train.csv"), keep_until_step=start) for run in runs]
     eval_logs = [CSVLog(os.path.join(run.run_dir, "eval.csv"), keep_until_step=start) for run in runs]
     wandb = None
@@ -899,7 +963,7 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
     total_steps = cfg.offline_steps + cfg.online_steps
     print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {observation_shape}, action "
           f"{action_dim}, alpha {cfg.alpha}, seeds {' '.join(map(str, cfg.seeds))}, device {cfg.device}, "
-          f"compile {cfg.compile}, run dir {cfg.run_dir}")
+          f"compile {cfg.compile}, run dir {', '.join(run.run_dir for run in runs)}")
     progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, unit="update",
                     smoothing=0.05)
     last_time, last_step = time.time(), start
@@ -923,9 +987,11 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
             rows = [{"step": step, **dict(zip(metrics, seed_values))} for seed_values in values]
             for row, log in zip(rows, train_logs):
                 row.update(online.log() if step > cfg.offline_steps else {}, **{"time/updates_per_sec": rate})
-                if not all(math.isfinite(v) for v in row.values()):
-                    progress.write(f"warning: non-finite metrics at step {step}")
                 log.write(row)
+            for run, row in zip(runs, rows):
+                for key, value in row.items():
+                    if not math.isfinite(value):
+                        stop_diverged(f"{key} is {value} at step {step}", run)
             progress.set_postfix(critic=f"{rows[0]['critic/critic_loss']:.3g}", bc=f"{rows[0]['actor/bc_flow_loss']:.3g}")
             if wandb:
                 wandb.log(rows[0], step=step)
@@ -942,21 +1008,28 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
             last_time = time.time()  # evaluation time does not count against updates/s
 
         if step % cfg.save_interval == 0 or step == total_steps:
-            online_state = online.state_dict() if step > cfg.offline_steps else None
-            for i, (run, path) in enumerate(zip(runs, checkpoints)):
-                save_checkpoint(path, agent, step, run, online_state, seed_index=i)
+            for run, params in zip(runs, zip(*agent.params.values())):  # one host synchronisation per seed
+                if not torch.stack([p.isfinite().all() for p in params]).all():
+                    stop_diverged(f"its parameters are not finite at step {step}", run)
+            save_checkpoints(agent, step, runs, online.state_dict() if step > cfg.offline_steps else None)
     progress.close()
     return agent
+
+
+def stop_diverged(what: str, run: Config):
+    raise UsageError(f"training diverged in {run.run_dir}: {what}. Stopped before saving, so its last checkpoint "
+                     "holds the parameters from before. Try a smaller --lr or --alpha, or --normalize_q_loss")
 
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark: the training step in each execution mode, on random data
 # ----------------------------------------------------------------------------------------------
-def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, repeats: int = 3) -> dict:
-    """`python fql.py --benchmark`: median updates/s of `repeats` timings of the training step after warm-up,
-    in each execution mode, on random data with the env's shapes (one raw frame for pixels) and the
-    config's networks; with several --seeds, also the whole group's steps/s. Returns {(mode, seeds):
-    (steps/s, the steps its Adam counted)}."""
+def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, repeats: int = 3,
+              seconds: float = 2.0) -> dict:
+    """`python fql.py --benchmark`: median updates/s of `repeats` timings (of about `seconds` each) of the
+    training step after warm-up, in each execution mode, on random data with the env's shapes (one raw
+    frame for pixels) and the config's networks; with several --seeds, also the whole group's steps/s.
+    Returns {(mode, number of seeds): (steps/s, steps per timing, the steps its Adam counted)}."""
     cfg = resolve_config(cfg)
     rng, n = np.random.default_rng(cfg.seed), 100_000 if len(observation_shape) == 1 else 10_000
     if len(observation_shape) == 1:
@@ -972,7 +1045,6 @@ def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, 
     if on_cuda:
         torch.set_float32_matmul_precision("high")  # as in training
     device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
-    updates = 1000 if on_cuda else 20
     modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
     if on_cuda:
         modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
@@ -988,7 +1060,11 @@ def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, 
             for _ in range(3):  # warm-up: compilation and graph recording happen here
                 step(False)
             step(True)["critic/critic_loss"].cpu()  # waits for the device
-            warmup = time.perf_counter() - start
+            warmup, start = time.perf_counter() - start, time.perf_counter()
+            for _ in range(5):
+                step(False)
+            step(True)["critic/critic_loss"].cpu()
+            updates = max(10, round(seconds * 6 / (time.perf_counter() - start)))  # about `seconds` per timing
             for _ in range(repeats):
                 start = time.perf_counter()
                 for _ in range(updates - 1):
@@ -996,7 +1072,7 @@ def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, 
                 step(True)["critic/critic_loss"].cpu()
                 rates.append(updates / (time.perf_counter() - start))
             rate, adam_steps = float(np.median(rates)), int(next(iter(agent.optimizer.state.values()))["step"])
-            results[name, len(seeds)] = rate, adam_steps
+            results[name, len(seeds)] = rate, updates, adam_steps
             if len(seeds) == 1:
                 print(f"{name:<22} {rate:9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
             else:
@@ -1025,6 +1101,8 @@ def main(argv: list[str] | None = None):
         return eval.train(cfg)
     except UsageError as err:
         sys.exit(f"fql.py: error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("fql.py: interrupted; the same command with --resume continues from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -22,6 +23,8 @@ import eval as fql_eval
 import fql
 
 SMALL = ("--actor_hidden_dims", "32", "32", "--value_hidden_dims", "32", "32")
+COMPILED = dict(flow_steps=2)  # the tests that compile share this config and their shapes: each compilation takes
+# tens of seconds on a small CPU, and torch.compile reuses one for the same shapes and config
 
 
 def make_config(**overrides) -> fql.Config:
@@ -37,13 +40,14 @@ def make_agent(obs_dim: int, action_dim: int, cfg: fql.Config) -> fql.FQLAgent:
 
 def random_batch(n: int, obs_dim: int, action_dim: int, dtype=torch.float32, seed: int = 123) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(
+    batch = dict(
         observations=torch.randn(n, obs_dim, generator=g, dtype=dtype),
         actions=torch.rand(n, action_dim, generator=g, dtype=dtype) * 2 - 1,
         rewards=-torch.randint(0, 2, (n,), generator=g).to(dtype),
         masks=torch.randint(0, 2, (n,), generator=g).to(dtype),
         next_observations=torch.randn(n, obs_dim, generator=g, dtype=dtype),
-    )
+    )  # in the order of fql.to_device's batches: torch.compile compiles again for another order
+    return {k: batch[k] for k in ("actions", "rewards", "masks", "observations", "next_observations")}
 
 
 def fixed_noise(n: int, action_dim: int, dtype=torch.float32, seed: int = 456) -> dict:
@@ -296,29 +300,6 @@ class LoopCritic(nn.Module):
         return torch.stack([m(torch.cat([obs, actions], -1)).squeeze(-1) for m in self.members])
 
 
-def test_batched_critic_trains_like_two_separate_critics():
-    torch.manual_seed(0)
-    cfg = make_config()
-    batched = make_agent(7, 3, cfg)
-    nets = copy.deepcopy(batched.nets)
-    nets.critic = LoopCritic(batched.nets.critic)
-    nets.target_critic = LoopCritic(batched.nets.target_critic).requires_grad_(False)
-    loop = fql.FQLAgent(nets, cfg)
-    for step in range(5):
-        batch, noise = random_batch(64, 7, 3), fixed_noise(64, 3)
-        noise["z"] += step  # a different draw each step
-        want = loop.update(batch, noise, with_metrics=True)
-        got = batched.update(batch, noise, with_metrics=True)
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"step {step} {key}")
-    for name in ("critic", "target_critic"):  # the same parameters after 5 updates
-        for p, q in zip(LoopCritic(getattr(batched.nets, name)).parameters(),
-                        getattr(loop.nets, name).parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    for p, q in zip(batched.nets.actor_onestep.parameters(), loop.nets.actor_onestep.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------------------------
 # Seed groups: several agents as one batched computation
 # ----------------------------------------------------------------------------------------------
@@ -326,35 +307,79 @@ def stack(dicts: list) -> dict:
     return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_seed_group_trains_like_separate_agents(compile):
-    """A group of 3 seeds and 3 single-seed agents built with the same seeds start equal (parameters and
-    random streams) and, fed the same batches and noise, hold the same parameters after 20 updates."""
-    cfg = fql.resolve_config(make_config(seeds=(0, 1, 2), compile=compile))
+def equivalent_agents(variant: str) -> tuple:
+    """(agent under test, the agents it must train like, tolerances) for each way of computing the updates."""
+    torch.manual_seed(0)
+    if variant == "per-member critic":  # the batched critic against two separate MLPs holding its weights
+        batched = make_agent(7, 3, make_config())
+        nets = copy.deepcopy(batched.nets)
+        nets.critic = LoopCritic(batched.nets.critic)
+        nets.target_critic = LoopCritic(batched.nets.target_critic).requires_grad_(False)
+        return batched, [fql.FQLAgent(nets, batched.cfg)], dict(rtol=1e-5, atol=1e-6)
+    if variant == "compiled":
+        eager, compiled = make_agent(7, 3, make_config(**COMPILED)), make_agent(7, 3, make_config(**COMPILED, compile=True))
+        compiled.nets.load_state_dict(eager.nets.state_dict())
+        return compiled, [eager], dict(rtol=1e-4, atol=1e-5)
+    # a seed group against the agents its seeds give alone (eager): equal at the start, random streams included
+    cfg = fql.resolve_config(make_config(**COMPILED, seeds=(0, 1, 2), compile=variant == "compiled seed group"))
     group = fql.make_agent(cfg, (7,), 3)
     singles = [fql.make_agent(fql.seed_config(cfg, seed), (7,), 3) for seed in cfg.seeds]
+    for single in singles:
+        single.losses = single.losses_eager
     assert group.grouped and not any(single.grouped for single in singles)
     for k, single in enumerate(singles):
         assert torch.equal(group.generators[k].get_state(), single.generators[0].get_state())
         for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[k].state_dict().values(), strict=True):
             assert torch.equal(p, q), name
     assert not torch.equal(singles[0].nets.critic.net[0].weight, singles[1].nets.critic.net[0].weight)
+    return group, singles, dict(rtol=1e-4, atol=1e-5) if cfg.compile else {}  # {}: float32 rounding
+
+
+def comparable_parameters(nets: nn.Module) -> list:
+    """A networks' parameters in one order, a batched critic's laid out as two separate MLPs'."""
+    critics = [LoopCritic(c) if isinstance(c, fql.Critic) else c for c in (nets.critic, nets.target_critic)]
+    return [p for module in (*critics, nets.actor_bc_flow, nets.actor_onestep) for p in module.parameters()]
+
+
+@pytest.mark.parametrize("variant", ["per-member critic", "compiled", "seed group", "compiled seed group"])
+def test_equivalent_computations_train_alike(variant):
+    """The same 20 updates computed in different ways agree in every metric and parameter: the batched
+    critic and two separate MLPs, compiled and eager, a group of 3 seeds and 3 agents built alone."""
+    tested, references, tolerance = equivalent_agents(variant)
     for step in range(20):
-        batches = [random_batch(64, 7, 3, seed=100 * step + k) for k in range(3)]
-        noises = [fixed_noise(64, 3, seed=100 * step + k) for k in range(3)]
-        got = group.update(stack(batches), stack(noises), with_metrics=step % 10 == 0)
-        for k, single in enumerate(singles):
-            want = single.update(batches[k], noises[k], with_metrics=step % 10 == 0)
+        batches = [random_batch(256, 7, 3, seed=100 * step + k) for k in range(len(references))]
+        noises = [fixed_noise(256, 3, seed=100 * step + k) for k in range(len(references))]
+        with_metrics = step % 5 == 0
+        inputs = (stack(batches), stack(noises)) if tested.grouped else (batches[0], noises[0])
+        got = tested.update(*inputs, with_metrics=with_metrics)
+        for k, reference in enumerate(references):
+            want = reference.update(batches[k], noises[k], with_metrics=with_metrics)
             for key in want:
-                torch.testing.assert_close(got[key][k], want[key], msg=f"step {step} seed {k} {key}")
-    for k, single in enumerate(singles):
-        for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[k].state_dict().values(), strict=True):
-            torch.testing.assert_close(q, p, msg=name)
-        assert torch.equal(single.state_dict()["optimizer"]["state"][0]["step"], group.state_dict(k)["optimizer"]["state"][0]["step"])
-        torch.testing.assert_close(group.state_dict(k)["optimizer"]["state"][3]["exp_avg_sq"],
-                                   single.state_dict()["optimizer"]["state"][3]["exp_avg_sq"])
-    actions = group.act(np.zeros((3, 5, 7), np.float32))  # one policy call for all seeds
-    assert actions.shape == (3, 5, 3) and not np.allclose(actions[0], actions[1])
+                value = got[key][k] if tested.grouped else got[key]
+                torch.testing.assert_close(value, want[key], **tolerance, msg=f"step {step} seed {k} {key}")
+    for k, reference in enumerate(references):
+        for p, q in zip(comparable_parameters(tested.seed_nets[k]), comparable_parameters(reference.nets), strict=True):
+            torch.testing.assert_close(p, q, **tolerance)
+        adam, reference_adam = tested.state_dict(k)["optimizer"]["state"], reference.state_dict()["optimizer"]["state"]
+        last, reference_last = adam[max(adam)], reference_adam[max(reference_adam)]  # the one-step policy's output bias
+        torch.testing.assert_close(last["exp_avg_sq"], reference_last["exp_avg_sq"], **tolerance)
+        assert last["step"] == reference_last["step"] == 20
+
+
+def test_compiled_policy_acts_as_the_eager_one():
+    """act() through torch.compile, for one agent and for a group (one call maps every seed's observations)."""
+    cfg = fql.resolve_config(make_config(compile=True, seeds=(0, 1)))
+    for seeds, shape in (((0,), (4, 7)), ((0, 1), (2, 4, 7))):
+        agent = fql.make_agent(dataclasses.replace(cfg, seeds=seeds), (7,), 3)
+        observations = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        torch.manual_seed(1)
+        got = agent.act(observations)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            want = agent.policy_eager(torch.as_tensor(observations), torch.randn(*shape[:-1], 3)).numpy()
+        assert got.shape == (*shape[:-1], 3) and np.abs(got).max() <= 1
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got[0], got[1])  # each seed's own policy
 
 
 def test_seeds_in_a_group_do_not_interact():
@@ -385,7 +410,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     data = dict(observations=context, actions=actions, rewards=rewards, masks=torch.zeros(n),
                 next_observations=context)
     # alpha 0.3: leaving the flow's mode costs alpha * 1.2^2 = 0.43 of distillation loss for a Q gain of 1
-    cfg = make_config(alpha=0.3, actor_hidden_dims=(128, 128), value_hidden_dims=(128, 128), lr=1e-3)
+    cfg = make_config(alpha=0.3, actor_hidden_dims=(64, 64), value_hidden_dims=(64, 64), lr=1e-3)
     agent = make_agent(2, 1, cfg)
     for _ in range(1000):
         agent.update(fql.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
@@ -444,20 +469,21 @@ def read_csv(path):
 
 def test_real_run_trains_logs_evaluates_and_checkpoints(cube_data, tmp_path):
     run_dir = tmp_path / "run"
-    agent = run_cli(cube_data, run_dir, "--offline_steps", "300", "--log_interval", "100", "--save_interval", "150",
-                    "--eval_interval", "300", "--eval_episodes", "2", "--batch_size", "64")
+    agent = run_cli(cube_data, run_dir, "--offline_steps", "100", "--log_interval", "50", "--save_interval", "60",
+                    "--eval_interval", "100", "--eval_episodes", "1", "--batch_size", "64")
     rows = read_csv(run_dir / "train.csv")
-    assert [int(r["step"]) for r in rows] == [100, 200, 300]
+    assert [int(r["step"]) for r in rows] == [50, 100]
     for key in ("critic/critic_loss", "critic/q_mean", "critic/q_max", "critic/q_min", "actor/actor_loss",
                 "actor/bc_flow_loss", "actor/distill_loss", "actor/q_loss", "actor/q", "actor/mse",
                 "validation/critic/critic_loss", "validation/actor/bc_flow_loss", "time/updates_per_sec"):
         assert all(math.isfinite(float(r[key])) for r in rows), key
     (evaluation,) = read_csv(run_dir / "eval.csv")
-    assert int(evaluation["step"]) == 300 and float(evaluation["evaluation/length"]) == 200  # cube-single: 200 steps
-    assert 0 <= float(evaluation["evaluation/success"]) <= 1
+    assert int(evaluation["step"]) == 100 and float(evaluation["evaluation/length"]) == 200  # cube-single: 200 steps
+    # 100 steps on random actions never put the cube on its goal: -1 for each of the 200 steps
+    assert float(evaluation["evaluation/success"]) == 0 and float(evaluation["evaluation/return"]) == -200
 
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 300
+    assert state["step"] == 100
     assert state["config"]["env"] == "cube-single-play-singletask-task2-v0" and state["config"]["alpha"] == 300
     for name, p in agent.nets.state_dict().items():
         assert torch.equal(state["nets"][name], p)
@@ -466,17 +492,21 @@ def test_real_run_trains_logs_evaluates_and_checkpoints(cube_data, tmp_path):
 
 def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
     torch.manual_seed(0)
-    cfg = make_config()
+    cfg = make_config(run_dir=str(tmp_path))
     agent = make_agent(7, 3, cfg)
     agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
     path = str(tmp_path / "checkpoint.pt")
-    fql.save_checkpoint(path, agent, 1, cfg)
+    fql.save_checkpoints(agent, 1, [cfg])
+    state = torch.load(path, weights_only=False)  # as if saved on a GPU: Adam's flags there were capturable
+    state["optimizer"]["param_groups"][0]["capturable"] = True
+    torch.save(state, path)
     expected_act = agent.act(np.ones((4, 7), np.float32))
     expected_update = agent.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
 
     torch.manual_seed(99)
     restored = make_agent(7, 3, cfg)
     assert fql.load_checkpoint(path, restored, cfg)["step"] == 1
+    assert restored.optimizer.param_groups[0]["capturable"] is False  # the flags follow this agent's device
     np.testing.assert_array_equal(restored.act(np.ones((4, 7), np.float32)), expected_act)  # same RNG draw
     got_update = restored.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
     for key, value in expected_update.items():  # same Adam moments, so the same next step
@@ -484,10 +514,10 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    cfg = make_config()
+    cfg = make_config(run_dir=str(tmp_path))
     agent = make_agent(7, 3, cfg)
     path = str(tmp_path / "checkpoint.pt")
-    fql.save_checkpoint(path, agent, 5, cfg)
+    fql.save_checkpoints(agent, 5, [cfg])
 
     def killed_mid_write(obj, f):
         with open(f, "wb") as handle:
@@ -496,45 +526,131 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fql.torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        fql.save_checkpoint(path, agent, 6, cfg)
+        fql.save_checkpoints(agent, 6, [cfg])
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["step"] == 5
 
 
-def test_resume_after_kill_equals_uninterrupted_run(cube_data, tmp_path, monkeypatch):
-    flags = ("--offline_steps", "60", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
-    straight = run_cli(cube_data, tmp_path / "straight", *flags)
+def killed_after(monkeypatch, steps: int):
+    """From now on, the training step number `steps` of each run raises KeyboardInterrupt (a kill)."""
+    real_step, calls = fql.FQLAgent.train_step, []
 
-    real_sample, calls = fql.sample_batch, []
-
-    def killed_at_step_55(data, batch_size, generator=None):
+    def train_step(agent, sample, with_metrics=False):
         calls.append(1)
-        if len(calls) == 55 + 5:  # 55 training batches + 5 validation batches (steps 10 to 50)
+        if len(calls) == steps:
             raise KeyboardInterrupt
-        return real_sample(data, batch_size, generator)
+        return real_step(agent, sample, with_metrics)
 
-    monkeypatch.setattr(fql, "sample_batch", killed_at_step_55)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(cube_data, tmp_path / "killed", *flags)
-    monkeypatch.setattr(fql, "sample_batch", real_sample)
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 40
-    assert read_csv(tmp_path / "killed" / "train.csv")[-1]["step"] == "50"  # logged after the last checkpoint
+    monkeypatch.setattr(fql.FQLAgent, "train_step", train_step)
+    return calls
 
-    with pytest.raises(SystemExit, match="--resume"):  # a restart without --resume must not overwrite it
-        run_cli(cube_data, tmp_path / "killed", *flags)
-    resumed = run_cli(cube_data, tmp_path / "killed", *flags, "--resume")
+
+def untimed_rows(path) -> list:
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in read_csv(path)]
+
+
+def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_run(cube_data, tmp_path, monkeypatch):
+    """The cluster pattern: the same command, always with --resume, after each kill (the first before any
+    checkpoint). Parameters, train.csv and eval.csv end as an uninterrupted run's; the evaluation workers
+    end with every kill; a restart without --resume or with other flags is refused and changes nothing."""
+    flags = ("--offline_steps", "60", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
+    straight = run_cli(cube_data, tmp_path / "straight", *flags, "--resume")  # a folder that does not exist yet
+    vector_envs, make_vector_env = [], fql_eval.make_vector_env
+    monkeypatch.setattr(fql_eval, "make_vector_env", lambda *args: vector_envs.append(make_vector_env(*args))
+                        or vector_envs[-1])
+    run = tmp_path / "killed"
+    # each attempt runs this many steps before its kill: at step 5 (no checkpoint yet), 35 and 55
+    for steps, saved_step in ((5, None), (35, 20), (35, 40)):
+        calls = killed_after(monkeypatch, steps)
+        spelling = str(run) + "/" if saved_step == 40 else os.path.relpath(run)  # the same folder either way
+        evaluation = ("--eval_interval", "30", "--eval_episodes", "1") if saved_step == 20 else ()
+        with pytest.raises(SystemExit, match="the same command with --resume continues"):
+            run_cli(cube_data, spelling, *flags, *evaluation, "--resume")
+        assert len(calls) == steps
+        assert (torch.load(run / "checkpoint.pt", weights_only=False)["step"] if saved_step else None) == saved_step
+        assert all(not process.is_alive() for env in vector_envs for process in env.processes)
+        assert len(vector_envs) == (saved_step is not None)
+        if saved_step == 20:
+            assert [r["step"] for r in read_csv(run / "eval.csv")] == ["30"]  # evaluated after the checkpoint
+            kept = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "config.json", "train.csv")}
+            with pytest.raises(SystemExit, match="already holds a run; add --resume"):
+                run_cli(cube_data, run, *flags)
+            with pytest.raises(SystemExit, match="differs from the run in .* in alpha"):
+                run_cli(cube_data, run, *flags, "--resume", "--alpha", "1")
+            assert kept == {name: (run / name).read_bytes() for name in kept}
+    monkeypatch.undo()
+    resumed = run_cli(cube_data, run, *flags, "--resume")
     for (name, p), q in zip(straight.nets.state_dict().items(), resumed.nets.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
-    # the row of step 50 from before the kill is replaced, not repeated, and every logged value matches
-    def untimed_rows(run):
-        rows = read_csv(tmp_path / run / "train.csv")
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    assert [r["step"] for r in read_csv(run / "train.csv")] == ["10", "20", "30", "40", "50", "60"]
+    assert untimed_rows(run / "train.csv") == untimed_rows(tmp_path / "straight" / "train.csv")
+    assert read_csv(run / "eval.csv") == []  # the evaluation at step 30 came after the checkpoint resumed from
 
-    assert [r["step"] for r in untimed_rows("killed")] == ["10", "20", "30", "40", "50", "60"]
-    assert untimed_rows("killed") == untimed_rows("straight")
 
-    with pytest.raises(SystemExit, match="alpha"):  # resuming with other hyperparameters is refused
-        run_cli(cube_data, tmp_path / "killed", *flags, "--resume", "--alpha", "1")
+@pytest.mark.parametrize("log_interval,message", [("10", "critic/critic_loss is nan at step 30"),
+                                                  ("100", "its parameters are not finite at step 40")])
+def test_a_diverging_run_stops_before_it_overwrites_its_checkpoint(cube_data, tmp_path, monkeypatch, log_interval,
+                                                                   message):
+    """NaN parameters from step 25 on: the run stops at the first log step that sees a non-finite metric,
+    or else at the next checkpoint, whose last good copy (step 20) stays as it was."""
+    real_step, calls = fql.FQLAgent.train_step, []
+
+    def poisoned_step(agent, sample, with_metrics=False):
+        calls.append(1)
+        if len(calls) == 25:
+            agent.params["critic.net.0.weight"].data[0, 0, 0, 0] = float("nan")
+        return real_step(agent, sample, with_metrics)
+
+    monkeypatch.setattr(fql.FQLAgent, "train_step", poisoned_step)
+    with pytest.raises(SystemExit, match=f"training diverged in {tmp_path}: {message}. Stopped before saving"):
+        run_cli(cube_data, tmp_path, "--offline_steps", "60", "--log_interval", log_interval, "--save_interval", "20",
+                "--batch_size", "32")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 20 and all(torch.isfinite(v).all() for v in state["nets"].values())
+    if log_interval == "10":  # train.csv holds the step that stopped the run
+        rows = read_csv(tmp_path / "train.csv")
+        assert [r["step"] for r in rows] == ["10", "20", "30"] and rows[-1]["critic/critic_loss"] == "nan"
+
+
+def test_unreadable_checkpoints_give_one_line_and_change_nothing(cube_data, tmp_path):
+    run = tmp_path / "run"
+    run_cli(cube_data, run, "--offline_steps", "10", "--batch_size", "32")
+    state = torch.load(run / "checkpoint.pt", weights_only=False)  # another version's config: still read
+    state["config"]["retired_flag"] = 1
+    del state["config"]["seeds"]
+    torch.save(state, run / "checkpoint.pt")
+    agent, _ = fql_eval.load_agent(str(run / "checkpoint.pt"), "cpu")  # what eval.py and finetune load with
+    assert agent.cfg.seeds == (0,) and agent.act(np.zeros(28, np.float32)).shape == (5,)
+    whole = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # truncated, as by a full disk
+    files = {path.name: path.read_bytes() for path in run.iterdir()}
+    for command in (lambda: run_cli(cube_data, run, "--offline_steps", "20", "--batch_size", "32", "--resume"),
+                    lambda: fql_eval.main(["--checkpoint", str(run)]),
+                    lambda: fql_eval.main(["finetune", "--checkpoint", str(run), "--online_steps", "5"])):
+        with pytest.raises(SystemExit) as exit_info:
+            command()
+        message = str(exit_info.value.code)
+        assert f"{run / 'checkpoint.pt'} is not a readable checkpoint (" in message
+        assert message.endswith("truncated?); delete it to start over, or restore a copy")
+        assert files == {path.name: path.read_bytes() for path in run.iterdir()}
+    assert not os.path.exists(str(run) + "-finetune")
+
+
+def test_unreadable_dataset_files_are_named(cube_data, tmp_path, monkeypatch):
+    for name in ("cube-single-play-v0.npz", "cube-single-play-v0-val.npz"):
+        with open(os.path.join(cube_data, name), "rb") as f:
+            data = f.read()
+        (tmp_path / name).write_bytes(data[: len(data) // 2] if name.endswith("-val.npz") else data)
+    with pytest.raises(SystemExit) as exit_info:
+        fql.main(["--dataset_dir", str(tmp_path), "--run_dir", str(tmp_path / "run"), "--eval_interval", "0"])
+    message = str(exit_info.value.code)
+    assert f"{tmp_path / 'cube-single-play-v0-val.npz'} is not a readable OGBench dataset" in message
+    assert "cube-single-play-v0.npz or" not in message and "delete it to download it again" in message
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    (tmp_path / "pen-human-v1.hdf5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(SystemExit, match="pen-human-v1.hdf5 is not a readable D4RL file .* delete it to download"):
+        fql.main(["--env", "d4rl-pen-human", "--run_dir", str(tmp_path / "run"), "--eval_interval", "0"])
+    assert not (tmp_path / "run").exists()
 
 
 def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tmp_path, monkeypatch):
@@ -542,7 +658,7 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
     group resumes exactly, and eval.py evaluates and plots the folders."""
     flags = ("--offline_steps", "50", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
     group = run_cli(cube_data, tmp_path / "group", *flags, "--seeds", "0", "1", "--eval_interval", "50",
-                    "--eval_episodes", "2")
+                    "--eval_episodes", "1")
     single = run_cli(cube_data, tmp_path / "single", *flags, "--seed", "1")
     for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[1].state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
@@ -559,53 +675,45 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
             assert torch.equal(state["nets"][name], p)
     assert read_csv(tmp_path / "group" / "seed0" / "train.csv") != read_csv(tmp_path / "group" / "seed1" / "train.csv")
 
-    real_sample, calls = fql.sample_batch, []
+    real_replace, renames = os.replace, []
 
-    def killed_at_step_45(data, batch_size, generator=None):
-        calls.append(1)
-        if len(calls) == 2 * 44 + 2 * 4 + 1:  # 2 seeds: 44 steps of training batches, 4 of validation ones
+    def killed_between_the_renames_of_step_40(source, destination):
+        renames.append(source) if source.endswith("checkpoint.pt.tmp") else None
+        if len(renames) == 2 + 2:  # step 20's two renames, then step 40's: killed before seed 1's
             raise KeyboardInterrupt
-        return real_sample(data, batch_size, generator)
+        return real_replace(source, destination)
 
-    monkeypatch.setattr(fql, "sample_batch", killed_at_step_45)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(fql.os, "replace", killed_between_the_renames_of_step_40)
+    with pytest.raises(SystemExit, match="--resume"):
         run_cli(cube_data, tmp_path / "killed", *flags, "--seeds", "0", "1")
     monkeypatch.undo()
+    saved = [torch.load(tmp_path / "killed" / f"seed{seed}" / "checkpoint.pt", weights_only=False)["step"] for seed in (0, 1)]
+    assert saved == [40, 20] and os.path.exists(tmp_path / "killed" / "seed1" / "checkpoint.pt.tmp")
     resumed = run_cli(cube_data, tmp_path / "killed", *flags, "--seeds", "0", "1", "--resume")
     for name, p in group.params.items():
         torch.testing.assert_close(resumed.params[name], p, rtol=0, atol=0, msg=name)
 
-    result = fql_eval.main(["--checkpoint", str(tmp_path / "group" / "seed1"), "--episodes", "2", "--num_envs", "2",
-                            "--device", "cpu"])
-    assert result["step"] == 50 and result["episodes"] == 2
+    result = fql_eval.main(["--checkpoint", str(tmp_path / "group" / "seed1"), "--episodes", "1", "--device", "cpu"])
+    assert result["step"] == 50 and result["episodes"] == 1
     output = tmp_path / "seeds.png"
     fql_eval.main(["plot", str(tmp_path / "group" / "seed0"), str(tmp_path / "group" / "seed1"), "--output", str(output)])
     assert output.stat().st_size > 10_000
 
 
-def test_compiled_and_eager_updates_agree():
-    torch.manual_seed(0)
-    eager = make_agent(7, 3, make_config())
-    compiled = make_agent(7, 3, make_config(compile=True))
-    compiled.nets.load_state_dict(eager.nets.state_dict())
-    for step in range(3):
-        batch, noise = random_batch(64, 7, 3), fixed_noise(64, 3)
-        want = eager.update(batch, noise, with_metrics=True)
-        got = compiled.update(batch, noise, with_metrics=True)
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {step} {key}")
-    for p, q in zip(eager.nets.parameters(), compiled.nets.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
-
-
-def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys):
-    results = fql.main(["--benchmark", *SMALL, "--batch_size", "32", "--device", "cpu", "--seeds", "0", "1"])
+def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys, monkeypatch):
+    # the shapes and config of the compiled equivalence tests, whose compilations it reuses
+    results = fql.benchmark(make_config(**COMPILED, seeds=(0, 1, 2)), (7,), 3, seconds=0.05)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("FQL training step, observation (28,), action 5, batch 32")
-    assert list(results) == [("eager", 1), ("eager", 2), ("compile", 1), ("compile", 2)]
-    assert all(adam_steps == 4 + 3 * 20 for _, adam_steps in results.values())  # warm-up and 3 timed rounds ran
+    assert lines[0].startswith("FQL training step, observation (7,), action 3, batch 256")
+    assert list(results) == [("eager", 1), ("eager", 3), ("compile", 1), ("compile", 3)]
+    for rate, updates, adam_steps in results.values():  # warm-up, calibration and 3 timed rounds all ran
+        assert adam_steps == 4 + 6 + 3 * updates and updates >= 10 and rate > 0
     assert [line.split()[0] for line in lines[1:]] == ["eager", "eager", "compile", "compile"]
-    assert "steps/s of 2 seeds" in lines[2] and "seed-updates/s" in lines[2] and "x one seed" in lines[2]
+    assert "steps/s of 3 seeds" in lines[2] and "seed-updates/s" in lines[2] and "x one seed" in lines[2]
+    called = []
+    monkeypatch.setattr(fql, "benchmark", lambda cfg, *shapes: called.append((cfg.seeds, *shapes)))
+    fql.main(["--benchmark", "--seeds", "0", "1", "--device", "cpu"])
+    assert called == [((0, 1), (28,), 5)]  # the env's shapes, from eval.py
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -714,21 +822,35 @@ def recording(seen: list):
     return policy
 
 
-def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds():
+@pytest.fixture(scope="module")
+def cube_vector_env():
+    """One vector env of 2 cube-single environments, shared by the evaluation tests (workers take seconds to start)."""
+    vector_env = fql_eval.make_vector_env(CUBE, 2)
+    yield vector_env
+    vector_env.close()
+
+
+def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds(cube_vector_env):
     sequential_seen, parallel_seen = [], []
     sequential = fql_eval.evaluate(recording(sequential_seen), fql_eval.make_env(CUBE), 3, seed=5)
-    vector_env = fql_eval.make_vector_env(CUBE, 2)
-    try:
-        parallel = fql_eval.evaluate_parallel(recording(parallel_seen), vector_env, 3, seed=5)
-    finally:
-        vector_env.close()
+    parallel = fql_eval.evaluate_parallel(recording(parallel_seen), cube_vector_env, 3, seed=5)
     assert parallel == pytest.approx(sequential)
     by_episode = np.array(sequential_seen).reshape(3, 200, -1)
     rounds = np.array(parallel_seen).reshape(2, 200, 2, -1)  # 2 rounds of 2 environments, 200 steps each
-    np.testing.assert_allclose(rounds[0, :, 0], by_episode[0])
-    np.testing.assert_allclose(rounds[0, :, 1], by_episode[1])
-    np.testing.assert_allclose(rounds[1, :, 0], by_episode[2])
+    for episode in range(3):  # the second round needs one environment; the other's steps are ignored
+        np.testing.assert_allclose(rounds[episode // 2, :, episode % 2], by_episode[episode])
     assert not np.allclose(by_episode[0], by_episode[1])  # different seeds, different episodes
+
+
+def test_a_seed_group_evaluates_each_seed_in_its_own_environments(cube_vector_env):
+    seen = []
+    results = fql_eval.evaluate_parallel(recording(seen), cube_vector_env, 2, seed=[5, 105])
+    rounds = np.array(seen).reshape(2, 200, 2, 28)  # round, step, seed (one environment each): one call maps all
+    for k, seed in enumerate((5, 105)):
+        sequential_seen = []
+        assert results[k] == pytest.approx(fql_eval.evaluate(recording(sequential_seen), fql_eval.make_env(CUBE), 2,
+                                                             seed=seed))
+        np.testing.assert_allclose(rounds[:, :, k], np.array(sequential_seen).reshape(2, 200, -1))
 
 
 def test_videos_are_written(tmp_path):
@@ -763,8 +885,17 @@ def test_replay_buffer_appends_samples_online_rows_and_restores():
     for k in offline:
         assert torch.equal(restored.data[k], buffer.data[k])
 
-    online = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=100)
-    online.add(dict(observations=np.ones(3), actions=np.ones(2), rewards=1.0, masks=1.0, next_observations=np.ones(3)))
+    online = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4)
+    for i in range(7):  # the online rows themselves wrap: the 4 latest stay
+        online.add(dict(observations=np.full(3, i + 1.0), actions=np.ones(2), rewards=1.0, masks=1.0,
+                        next_observations=np.ones(3)))
+    assert (online.count, online.pointer, online.online_rows().tolist()) == (4, 3, [3, 0, 1, 2])
+    assert online.data["observations"][online.online_rows(), 0].tolist() == [4, 5, 6, 7]  # oldest first
+    restored = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4)
+    restored.load_state_dict(online.state_dict())
+    assert (restored.count, restored.pointer) == (4, 3)
+    for k in offline:
+        assert torch.equal(restored.data[k], online.data[k])
     balanced = fql_eval.sample_balanced(offline, online, 256)
     assert torch.equal(balanced["rewards"], torch.cat([torch.zeros(128), torch.ones(128)]))
 
@@ -814,7 +945,7 @@ def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_pat
         return real_step(self, policy, buffer)
 
     monkeypatch.setattr(fql_eval.OnlineCollector, "step", killed_at_online_step_230)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="the same command with --resume continues"):
         run_cli(cube_data, tmp_path, *flags)
     monkeypatch.undo()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -837,14 +968,38 @@ def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_pat
         assert torch.equal(state["nets"][name], p)
 
 
-def test_finetune_command_starts_from_a_checkpoint(cube_data, tmp_path):
+def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, monkeypatch):
     run_cli(cube_data, tmp_path / "offline", "--offline_steps", "40", "--batch_size", "32")
-    agent = fql_eval.main(["finetune", "--checkpoint", str(tmp_path / "offline"), "--online_steps", "30",
-                           "--eval_interval", "0", "--log_interval", "10", "--device", "cpu"])
-    state = torch.load(tmp_path / "offline-finetune" / "checkpoint.pt", weights_only=False)
+    argv = ["finetune", "--checkpoint", str(tmp_path / "offline"), "--online_steps", "30", "--eval_interval", "0",
+            "--log_interval", "10", "--save_interval", "10", "--device", "cpu", "--balanced_sampling"]
+    real_step, calls = fql_eval.OnlineCollector.step, []
+
+    def killed_at_online_step_25(self, policy, buffer):
+        calls.append(1)
+        if len(calls) == 25:
+            raise KeyboardInterrupt
+        return real_step(self, policy, buffer)
+
+    monkeypatch.setattr(fql_eval.OnlineCollector, "step", killed_at_online_step_25)
+    with pytest.raises(SystemExit, match="eval.py: interrupted; the same command with --resume"):
+        fql_eval.main(argv)
+    monkeypatch.undo()
+    run = tmp_path / "offline-finetune"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 60
+    sampled = []
+    real_balanced = fql_eval.sample_balanced
+    monkeypatch.setattr(fql_eval, "sample_balanced", lambda *args: sampled.append(real_balanced(*args)) or sampled[-1])
+    agent = fql_eval.main(argv + ["--resume"])
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == 70 and state["buffer"]["added"] == 30 and state["config"]["offline_steps"] == 40
-    assert [r["step"] for r in read_csv(tmp_path / "offline-finetune" / "train.csv")] == ["50", "60", "70"]
-    assert agent.cfg.online_steps == 30
+    assert state["config"]["balanced_sampling"] and agent.cfg.online_steps == 30
+    rows = read_csv(run / "train.csv")
+    assert [r["step"] for r in rows] == ["50", "60", "70"]
+    assert [r["exploration/buffer_size"] for r in rows] == ["10", "20", "30"]  # online rows only, beside the data
+    online = {tuple(row) for row in state["buffer"]["rows"]["observations"].tolist()}
+    for batch in sampled:  # half of every batch from the offline data, half from the online rows
+        from_online = [tuple(row) in online for row in batch["observations"].tolist()]
+        assert from_online == [False] * 16 + [True] * 16
 
 
 def write_fake_run(directory, seed, alpha, success):
@@ -880,9 +1035,9 @@ def test_plot_writes_a_png(tmp_path):
 def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
     cfg = fql.resolve_config(make_config(run_dir=str(tmp_path)))
     agent = make_agent(28, 5, cfg)
-    fql.save_checkpoint(str(tmp_path / "checkpoint.pt"), agent, 7, cfg)
+    fql.save_checkpoints(agent, 7, [cfg])
     result = fql_eval.main(["--checkpoint", str(tmp_path), "--episodes", "2", "--num_envs", "2", "--device", "cpu"])
-    assert result["step"] == 7 and result["length"] == 200 and 0 <= result["success"] <= 1
+    assert result["step"] == 7 and (result["success"], result["return"], result["length"]) == (0, -200, 200)
     with open(tmp_path / "eval_step7_seed0.json") as f:
         assert fql.json.load(f)["episodes"] == 2
     with pytest.raises(SystemExit, match="no checkpoint at"):
@@ -951,11 +1106,14 @@ def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
     assert "door-cloned-v1.hdf5" in str(exit_info.value.code) and str(tmp_path) in str(exit_info.value.code)
 
 
-def test_d4rl_antmaze_rewards_the_goal_and_ends_there():
-    env = fql_eval.make_env("antmaze-medium-play-v2")
+@pytest.mark.parametrize("name,maze_map,goal_xy,steps", [  # D4RL's goals: cells (3, 1), (6, 6), (7, 9)
+    ("antmaze-umaze-v2", fql_eval.U_MAZE, (0, 8), 700), ("antmaze-medium-play-v2", fql_eval.BIG_MAZE, (20, 20), 1000),
+    ("antmaze-large-diverse-v2", fql_eval.HARDEST_MAZE, (32, 24), 1000)])
+def test_d4rl_antmaze_rewards_the_goal_and_ends_there(name, maze_map, goal_xy, steps):
+    env = fql_eval.make_env(name)
     maze = env.unwrapped
-    assert env.observation_space.shape == (29,) and env._max_episode_steps == 1000
-    np.testing.assert_array_equal(maze.maze_map, fql_eval.BIG_MAZE)
+    assert env.observation_space.shape == (29,) and env._max_episode_steps == steps
+    np.testing.assert_array_equal(maze.maze_map, maze_map)
     goals = []
     for seed in range(20):
         observation, _ = env.reset(seed=seed)
@@ -963,12 +1121,11 @@ def test_d4rl_antmaze_rewards_the_goal_and_ends_there():
         goals.append(np.array(maze.cur_goal_xy))
         _, reward, terminated, _, info = env.step(np.zeros(8))
         assert (reward, terminated, info["success"]) == (0.0, False, 0.0)
-    goals = np.array(goals)  # D4RL's goal: cell (6, 6) = (20, 20) plus U(0, 1) + U(0, 0.5) per axis
-    assert goals.min() >= 20 and goals.max() <= 21.5 and goals.std(0).min() > 0.1
+    goals = np.array(goals)  # D4RL's goal: the goal cell's corner plus U(0, 1) + U(0, 0.5) per axis
+    assert np.all(goals >= goal_xy) and np.all(goals <= np.add(goal_xy, 1.5)) and goals.std(0).min() > 0.1
     maze.set_xy(maze.cur_goal_xy + 0.2)
     _, reward, terminated, _, info = env.step(np.zeros(8))
     assert (reward, terminated, info["success"]) == (1.0, True, 1.0)
-    assert fql_eval.make_env("antmaze-umaze-diverse-v2")._max_episode_steps == 700
 
 
 @pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
@@ -989,8 +1146,18 @@ def test_adroit_reward_is_d4rls(task):
             obj, palm = inner.data.site_xpos[inner.handle_site_id], inner.data.site_xpos[inner.grasp_site_id]
         else:
             obj, palm = inner.data.xpos[inner.obj_body_id], inner.data.site_xpos[inner.S_grasp_site_id]
-        assert reward == pytest.approx(gym_reward - 0.2 * np.linalg.norm(palm - obj), abs=1e-9)
+        flipped_term = 0.2 * np.linalg.norm(palm - obj) if env.recompute_reward else 0.0  # a fixed release: as is
+        assert reward == pytest.approx(gym_reward - flipped_term, abs=1e-9)
         assert not terminated and not truncated
+
+
+def test_adroit_rewards_are_recomputed_only_on_the_releases_that_flipped_them(monkeypatch):
+    assert [fql_eval.release(v) for v in ("1.4.2", "1.5.0rc1", "1.3.0.post1", "2.0")] == [
+        (1, 4, 2), (1, 5, 0), (1, 3, 0), (2, 0)]
+    for installed, flipped in (("1.2.0", False), ("1.2.1", True), ("1.4.2", True), ("1.5.0rc1", False)):
+        monkeypatch.setattr(fql_eval, "version", lambda name: installed)
+        assert fql_eval.make_env("door-human-v1").recompute_reward == flipped, installed
+    assert not fql_eval.make_env("pen-human-v1").recompute_reward
 
 
 def test_adroit_pen_ends_when_dropped_and_runs_100_steps():
@@ -1041,12 +1208,14 @@ def test_d4rl_training_run(tmp_path, monkeypatch):
                     rng.uniform(-1, 1, (n, 8)), (rng.uniform(size=n) < 0.1).astype(np.float32), np.zeros(n, bool),
                     np.arange(n) % 50 == 49)
     fql.main(["--env", "d4rl-antmaze-umaze", "--run_dir", str(tmp_path / "run"), "--no-compile", *SMALL,
-              "--offline_steps", "40", "--log_interval", "20", "--eval_interval", "40", "--eval_episodes", "1",
-              "--batch_size", "32"])
+              "--offline_steps", "40", "--online_steps", "20", "--log_interval", "20", "--eval_interval", "60",
+              "--eval_episodes", "1", "--batch_size", "32"])
     rows = read_csv(tmp_path / "run" / "train.csv")
-    assert [r["step"] for r in rows] == ["20", "40"] and not any(k.startswith("validation/") for k in rows[0])
+    assert [r["step"] for r in rows] == ["20", "40", "60"] and not any(k.startswith("validation/") for k in rows[0])
     (evaluation,) = read_csv(tmp_path / "run" / "eval.csv")
-    assert float(evaluation["evaluation/score"]) == 100 * float(evaluation["evaluation/success"])
+    assert float(evaluation["evaluation/score"]) == 100 * float(evaluation["evaluation/success"]) == 0
+    online = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["buffer"]["rows"]
+    assert online["rewards"].tolist() == [-1.0] * 20  # the maze's reward 0 away from the goal, shifted as offline
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1141,7 +1310,7 @@ def visual_data(tmp_path_factory):
     """A tiny compact dataset of 64x64 frames rendered by OGBench's visual-cube-single environment."""
     directory = str(tmp_path_factory.mktemp("visual"))
     try:
-        env = gymnasium.make("visual-cube-single-v0", terminate_at_goal=False, max_episode_steps=8)
+        env = gymnasium.make("visual-cube-single-v0", terminate_at_goal=False, max_episode_steps=5)
         env.reset(seed=0)
     except Exception as err:  # no OpenGL platform: MuJoCo raises several types
         pytest.skip(f"no offscreen renderer for OGBench's pixel environments: {err}")
@@ -1150,10 +1319,10 @@ def visual_data(tmp_path_factory):
         cols = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
         for _ in range(episodes):
             ob, _ = env.reset(seed=int(rng.integers(1 << 30)))
-            for t in range(8):
+            for t in range(5):
                 action = rng.uniform(-1, 1, 5).astype(np.float32)
                 next_ob, _, _, _, info = env.step(action)
-                for k, v in (("observations", ob), ("actions", action), ("terminals", t == 7),
+                for k, v in (("observations", ob), ("actions", action), ("terminals", t == 4),
                              ("qpos", info["prev_qpos"]), ("qvel", info["prev_qvel"])):
                     cols[k].append(v)
                 ob = next_ob
@@ -1206,8 +1375,9 @@ def test_env_names_and_per_env_defaults():
     with pytest.raises(fql.UsageError, match="pixel observations"):
         parse("--env", "visual-cube-double-play-singletask-task1-v0", "--frame_stack", "0")
     assert parse("--env", "pointmaze-medium-navigate-singletask-v0").alpha == 10  # official default
-    for alias in fql.ENVS:  # every alias names a real OGBench environment
-        assert parse("--env", f"ogbench-{alias}").env.startswith(fql.ENVS[alias][0])
+    for alias in fql.ENVS:  # every alias names an environment OGBench registers (its name without the dataset type)
+        name = parse("--env", f"ogbench-{alias}").env
+        assert re.sub(r"-(play|navigate)-singletask", "-singletask", name) in gymnasium.registry, name
 
 
 def test_flags_in_underscore_and_hyphen_spellings():
@@ -1227,11 +1397,25 @@ def test_flags_in_underscore_and_hyphen_spellings():
     (("--batch_size", "0"), "--batch_size must be positive"),
     (("--offline_steps", "-5"), "--offline_steps must be >= 0"),
     (("--offline_steps", "0"), "nothing to train"),
+    (("--alpha", "nan"), "--alpha must be a finite number >= 0, got nan"),
+    (("--alpha", "-1"), "--alpha must be a finite number >= 0, got -1.0"),
+    (("--lr", "0"), "--lr must be a finite number > 0, got 0.0"),
+    (("--tau", "1.5"), "--tau must be in (0, 1], got 1.5"),
+    (("--discount", "-0.1"), "--discount must be in [0, 1], got -0.1"),
+    (("--env", "ogbench-visual-cube-single", "--p_aug", "2"), "--p_aug must be in [0, 1], got 2.0"),
+    (("--frame_stack", "3"), "--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs"),
+    (("--encoder", "impala_small"), "--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs"),
+    (("--device", "tpu"), "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (("--device", "cuda:7"), "--device cuda:7: this machine has"),
+    (("--seeds", "1", "1"), "--seeds has a seed twice: 1 1"),
+    (("--seed", "2", "--seeds", "0", "1"), "give --seed N or --seeds N1 N2 ..., not both"),
+    (("--seeds", "0", "1", "--online_steps", "5"), "--online_steps and --wandb_project take one seed"),
 ])
 def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        fql.main(["--run_dir", str(tmp_path), *flags])
-    assert message in str(exit_info.value.code)
+        fql.main(["--run_dir", str(tmp_path / "run"), *flags])
+    assert str(exit_info.value.code).startswith("fql.py: error: ") and message in str(exit_info.value.code)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_wandb_without_wandb_installed_is_a_clear_error(cube_data, tmp_path, monkeypatch):
@@ -1263,11 +1447,12 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is blocked")
 sys.meta_path.insert(0, Block())
 import torch, fql
-cfg = fql.resolve_config(fql.Config(device="cpu", compile=True, actor_hidden_dims=(16,), value_hidden_dims=(16,)))
+cfg = fql.resolve_config(fql.Config(device="cpu", compile=True, alpha=3.0, flow_steps=2, actor_hidden_dims=(32, 32),
+                                    value_hidden_dims=(32, 32)))  # as the compiled tests: compiled once, cached
 agent = fql.FQLAgent(fql.FQLNetworks((7,), 3, cfg), cfg)
-batch = dict(observations=torch.randn(32, 7), actions=torch.rand(32, 3) * 2 - 1, rewards=torch.zeros(32),
-             masks=torch.ones(32), next_observations=torch.randn(32, 7))
-metrics = agent.update(batch, fql.draw_noise(32, 3, "cpu"), with_metrics=True)
+batch = dict(actions=torch.rand(256, 3) * 2 - 1, rewards=torch.zeros(256), masks=torch.ones(256),
+             observations=torch.randn(256, 7), next_observations=torch.randn(256, 7))
+metrics = agent.update(batch, fql.draw_noise(256, 3, "cpu"), with_metrics=True)
 assert all(torch.isfinite(v) for v in metrics.values()) and len(metrics) == 10
 print("loaded:", sorted(BLOCKED & {m.split(".")[0] for m in sys.modules}))
 """
