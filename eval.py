@@ -272,7 +272,7 @@ def evaluate_parallel(policy: Policy, vector_env: gymnasium.vector.VectorEnv, ep
                         progress.update(1)
     finally:
         torch.set_num_threads(torch_threads)
-    results = [dict(zip(("success", "return", "length"), np.mean(episodes_, axis=0).tolist())) for episodes_ in finished]
+    results = [dict(zip(("success", "return", "length"), np.mean(runs, axis=0).tolist())) for runs in finished]
     return results[0] if isinstance(seed, int) else results
 
 
@@ -425,7 +425,7 @@ class Finetuning:
         if self.collector is None:  # a new episode after a start or a resumption
             # the official code shifts D4RL antmaze rewards online as it does offline
             reward_shift = -1.0 if self.cfg.env in fql.D4RL and self.cfg.env.startswith("antmaze") else 0.0
-            self.collector = OnlineCollector(self.env, seed=self.cfg.seed + self.buffer.added, reward_shift=reward_shift)
+            self.collector = OnlineCollector(self.env, self.cfg.seed + self.buffer.added, reward_shift)
         self.collector.step(policy, self.buffer)
 
     def log(self) -> dict:
@@ -438,11 +438,11 @@ class Finetuning:
         self.buffer.load_state_dict(state)
 
 
-def train(cfg: fql.Config, init_checkpoint: str | None = None) -> fql.FQLAgent:
+def train(cfg: fql.Config) -> fql.FQLAgent:
     """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
     cfg = fql.resolve_config(cfg)
     with Evaluator(cfg) as evaluate:  # its worker processes end with the block, whatever ends it
-        return fql.train(cfg, evaluate, Finetuning, init_checkpoint)
+        return fql.train(cfg, evaluate, Finetuning)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,10 +457,16 @@ def checkpoint_path(path: str) -> str:
     return path
 
 
+def checkpoint_config(state: dict, **changes) -> fql.Config:
+    """The config a checkpoint was trained with (fields of another version of fql.py left out), changed."""
+    names = {field.name for field in dataclasses.fields(fql.Config)}
+    return fql.Config(**{k: v for k, v in {**state["config"], **changes}.items() if k in names})
+
+
 def load_agent(path: str, device: str) -> tuple[fql.FQLAgent, dict]:
     """The agent saved in a checkpoint, on `device`, and the checkpoint's other contents."""
     state = fql.read_checkpoint(path)
-    cfg = fql.resolve_config(fql.checkpoint_config(state, device=device))
+    cfg = fql.resolve_config(checkpoint_config(state, device=device))
     agent = fql.FQLAgent(fql.FQLNetworks(state["observation_shape"], state["action_dim"], cfg).to(cfg.device), cfg)
     agent.load_state_dict(state)
     return agent, state
@@ -620,10 +626,18 @@ def run_evaluation(args: EvalArgs) -> dict:
 def run_finetune(args: FinetuneArgs) -> fql.FQLAgent:
     path = checkpoint_path(args.checkpoint)
     saved = fql.read_checkpoint(path)
-    run_dir = args.run_dir or os.path.dirname(os.path.abspath(path)) + "-finetune"
-    overrides = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
-    cfg = fql.checkpoint_config(saved, **{**overrides, "run_dir": run_dir, "offline_steps": saved["step"]})
-    return train(cfg, init_checkpoint=path)
+    changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
+    changes.update(offline_steps=saved["step"], resume=True,
+                   run_dir=args.run_dir or os.path.dirname(os.path.abspath(path)) + "-finetune")
+    cfg = fql.resolve_config(checkpoint_config(saved, **changes))
+    start = os.path.join(cfg.run_dir, "checkpoint.pt")
+    if os.path.exists(start) and not args.resume:
+        raise UsageError(f"{cfg.run_dir} already holds a run; add --resume to continue it, or pass another --run_dir")
+    if not os.path.exists(start):  # a new fine-tuning run continues the offline agent in its own folder
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        torch.save(dict(saved, config=dataclasses.asdict(cfg), buffer=None), start + ".tmp")
+        os.replace(start + ".tmp", start)
+    return train(cfg)
 
 
 def main(argv: list[str] | None = None):

@@ -3,22 +3,18 @@
 Paper: Park, Li, Levine. "Flow Q-Learning", ICML 2025. https://arxiv.org/abs/2502.02538
 Official JAX code (whose numbers are the paper's): https://github.com/seohongpark/fql
 
-FQL trains three networks from one summed loss:
-  * a BC flow policy v(s, x_t, t) by flow matching on the dataset actions,
-  * a one-step policy mu(s, z) distilled from the BC flow and pushed up the critic,
-  * a critic Q(s, a) (two members) by TD learning with the one-step policy's next actions.
+FQL trains from one summed loss a BC flow policy v(s, x_t, t) (flow matching on the dataset actions), a one-step
+policy mu(s, z) (distilled from the flow, pushed up the critic) and a two-member critic Q(s, a) (TD learning).
 
 Examples:
-  python fql.py --env ogbench-cube-single                  # alpha 300, task2, 1M steps
-  python fql.py --env ogbench-puzzle-3x3-task1 --alpha 1000
+  python fql.py --env ogbench-cube-single --seeds 0 1 2 3  # alpha 300, task2, 1M steps, 4 seeds at once
   python fql.py --env d4rl-antmaze-large-play              # D4RL from its hdf5 files, 500K steps
   python fql.py --env ogbench-visual-cube-single           # pixels: IMPALA encoders, 3 frames, shifts
   python fql.py --env ogbench-cube-double --online_steps 1000000   # then offline-to-online fine-tuning
   python fql.py --env ogbench-cube-single --resume          # continue a killed run
   python fql.py --benchmark                                # updates/s of the training step
-This file imports only numpy, torch, tyro and tqdm at the top, so it can be copied alone; ogbench and h5py
-are imported where the datasets are read. eval.py (environments, evaluation, videos, plots, fine-tuning)
-builds on it; `main` hands the training loop eval.py's evaluation when it is there.
+It imports numpy, torch, tyro and tqdm at the top (ogbench and h5py where datasets are read), so it can be
+copied alone; eval.py, with the environments, evaluation and fine-tuning, builds on it.
 """
 import copy
 import csv
@@ -46,22 +42,18 @@ from tqdm import tqdm
 
 
 class UsageError(ValueError):
-    """Bad input from the user: reported as one line, without a traceback."""
+    """Bad input, or a run that cannot go on: reported as one line, without a traceback."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
+# ---- Config --------------------------------------------------------------------------------------
 @dataclass
 class Config:
     env: str = "ogbench-cube-single"
-    """ogbench-<env> (its default task), ogbench-<env>-task<N>, a full OGBench name such as
-    cube-single-play-singletask-task2-v0, d4rl-<dataset> or a D4RL name such as antmaze-large-play-v2"""
+    """ogbench-<env>[-task<N>], an OGBench name (cube-single-play-singletask-task2-v0), d4rl-<dataset> or a D4RL name"""
     seed: int | None = None
     """seed of the networks, batches, noise and evaluation episodes; the same as --seeds N (default 0)"""
     seeds: tuple[int, ...] | None = None
-    """train one independent agent per seed in one process, as one batched computation; each seed's run
-    goes to its own folder and equals the run --seed N makes alone"""
+    """one independent agent per seed, trained as one batched computation; each equals its --seed N run alone"""
     offline_steps: int | None = None
     """gradient steps on the offline dataset; default: 500K for D4RL (as the paper), else 1M"""
     online_steps: int = 0
@@ -87,13 +79,11 @@ class Config:
     flow_steps: int = 10
     """Euler steps when integrating the BC flow"""
     encoder: Literal["impala_small", "impala_debug"] | None = None
-    """image encoder, one per network (the critic's two members share theirs); default: impala_small for
-    visual-* envs (impala_debug: a tiny one for quick CPU checks)"""
+    """image encoder of each network; default: impala_small for visual-* envs (impala_debug: tiny, for CPU checks)"""
     frame_stack: int | None = None
     """pixel observations stack this many latest frames along the channels; default: 3 for visual-* envs"""
     p_aug: float | None = None
-    """probability that a batch of pixel observations is randomly shifted (pad 3, crop); default: 0.5
-    for visual-* envs"""
+    """probability that a batch of pixel observations is randomly shifted (pad 3, crop); default: 0.5 for visual-*"""
     actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
     """hidden layer widths of the BC flow and the one-step policy"""
     value_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
@@ -109,8 +99,7 @@ class Config:
     dataset_dir: str = "~/.ogbench/data"
     """where the OGBench .npz files are (downloaded there when missing and online)"""
     run_dir: str | None = None
-    """folder for train.csv, eval.csv and checkpoint.pt; default: runs/<env>__seed<seed>; with several
-    seeds, each seed's run goes to <run_dir>/seed<seed> ("{seed}" in run_dir is replaced by the seed)"""
+    """folder of train.csv, eval.csv, checkpoint.pt; default: runs/<env>__seed<seed>; a group: <run_dir>/seed<seed>"""
     device: str = "auto"
     """torch device; auto: cuda when available, else cpu"""
     compile: bool = True
@@ -122,14 +111,10 @@ class Config:
     wandb_project: str | None = None
     """also log to this Weights & Biases project (needs `pip install wandb`)"""
     benchmark: bool = False
-    """print updates/s of the training step (eager, compiled, CUDA graph) on random data with the env's
-    shapes and this config's networks and batch size, then exit; needs no dataset. With several
-    --seeds, also the group's steps/s and seed-updates/s"""
+    """print the training step's updates/s in each mode, one seed and the --seeds group, on random data; then exit"""
 
 
-# ----------------------------------------------------------------------------------------------
-# Env names and per-env defaults (the paper's hyperparameter tables; the official README)
-# ----------------------------------------------------------------------------------------------
+# ---- Env names and per-env defaults (the paper's hyperparameter tables; the official README) -----
 DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)  # the official agent's
 
 # alias: (OGBench dataset, default task, alpha, extra flags)
@@ -185,25 +170,21 @@ def resolve_env(name: str) -> tuple[str, dict]:
                 return name, dict(alpha=alpha, **extra)
         import gymnasium
         import ogbench  # noqa: F401  (registers OGBench's environments with gymnasium)
-
         if f"{full[1]}-singletask{'-task' + full[3] if full[3] else ''}-v0" in gymnasium.registry:
             return name, {}  # another OGBench dataset: the official defaults
-    valid = ", ".join(f"ogbench-{a}" for a in ENVS)
-    d4rl = ", ".join("d4rl-" + n.rsplit("-", 1)[0] for n in D4RL)
-    raise UsageError(f"unknown env {name!r}. Valid: {valid} (add -task1..-task5 for another task), "
-                     f"a full OGBench single-task name such as cube-single-play-singletask-task2-v0, or {d4rl}")
+    raise UsageError(f"unknown env {name!r}. Valid: {', '.join(f'ogbench-{a}' for a in ENVS)} (add -task1..-task5 "
+                     "for another task), a full OGBench single-task name such as cube-single-play-singletask-task2-v0, "
+                     f"or {', '.join('d4rl-' + n.rsplit('-', 1)[0] for n in D4RL)}")
 
 
 def resolve_config(cfg: Config) -> Config:
     """Fill the per-environment defaults the user did not set, then check the config."""
     env_name, env_defaults = resolve_env(cfg.env)
-    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k)
-              for k, v in {**DEFAULTS, **env_defaults}.items()}
+    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in {**DEFAULTS, **env_defaults}.items()}
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPUs; use --device cpu")
+    gpus = torch.cuda.device_count()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and (torch.device(device).index or 0) >= gpus:
+        raise UsageError(f"--device {device}: give auto, cpu, or cuda[:N] for one of this machine's {gpus} CUDA GPUs")
     if cfg.seed is not None and cfg.seeds and cfg.seed != cfg.seeds[0]:
         raise UsageError("give --seed N or --seeds N1 N2 ..., not both")
     seeds = tuple(cfg.seeds or (cfg.seed or 0,))
@@ -212,25 +193,25 @@ def resolve_config(cfg: Config) -> Config:
     run_dir = os.path.normpath(cfg.run_dir or os.path.join("runs", f"{cfg.env}__seed{{seed}}"))
     if len(seeds) > 1 and "{seed}" not in run_dir:
         run_dir = os.path.join(run_dir, "seed{seed}")  # a group's runs: one folder per seed
-    elif len(seeds) == 1:
-        run_dir = run_dir.replace("{seed}", str(seeds[0]))
+    run_dir = run_dir.replace("{seed}", str(seeds[0])) if len(seeds) == 1 else run_dir
     cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=run_dir, seed=seeds[0], seeds=seeds, **filled)
-    checks = [(name, getattr(cfg, name) > 0, "positive") for name in
-              ("buffer_size", "batch_size", "flow_steps", "log_interval", "save_interval", "eval_episodes")]
-    checks += [(name, getattr(cfg, name) >= 0, ">= 0") for name in ("offline_steps", "online_steps", "eval_interval")]
-    checks += [("alpha", 0 <= cfg.alpha < math.inf, "a finite number >= 0"), ("lr", 0 < cfg.lr < math.inf, "a finite "
-               "number > 0"), ("tau", 0 < cfg.tau <= 1, "in (0, 1]"), ("discount", 0 <= cfg.discount <= 1, "in [0, 1]"),
-               ("p_aug", cfg.p_aug is None or 0 <= cfg.p_aug <= 1, "in [0, 1]")]  # nan fails every comparison
-    for name, valid, allowed in checks:
-        if not valid:
-            raise UsageError(f"--{name} must be {allowed}, got {getattr(cfg, name)}")
+    rules = {"positive": (lambda v: v > 0, "buffer_size batch_size flow_steps log_interval save_interval lr "
+                                           "eval_episodes"),
+             ">= 0": (lambda v: v >= 0, "offline_steps online_steps eval_interval alpha"),
+             "in [0, 1]": (lambda v: 0 <= v <= 1, "discount p_aug"), "in (0, 1]": (lambda v: 0 < v <= 1, "tau")}
+    for allowed, (valid, names) in rules.items():
+        for name in names.split():
+            value = getattr(cfg, name)
+            if value is not None and not (math.isfinite(value) and valid(value)):  # nan fails every comparison
+                raise UsageError(f"--{name} must be {allowed}, got {value}")
     if cfg.offline_steps + cfg.online_steps == 0:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
-    if not cfg.env.startswith("visual-") and (cfg.encoder or cfg.frame_stack or cfg.p_aug is not None):
+    pixels = cfg.env.startswith("visual-")
+    if not pixels and (cfg.encoder or cfg.frame_stack or cfg.p_aug is not None):
         raise UsageError(f"--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs; {cfg.env} has states")
-    if cfg.env.startswith("visual-") and not (cfg.encoder and cfg.frame_stack and cfg.frame_stack >= 1):
+    if pixels and not (cfg.encoder and cfg.frame_stack and cfg.frame_stack >= 1):
         raise UsageError(f"{cfg.env} has pixel observations: give --encoder and --frame_stack >= 1")
-    if cfg.env.startswith("visual-") and cfg.online_steps:
+    if pixels and cfg.online_steps:
         raise UsageError("fine-tuning on pixels is not supported: its buffer would hold stacked frames per step")
     if len(seeds) > 1 and (cfg.online_steps or cfg.wandb_project):
         raise UsageError("--online_steps and --wandb_project take one seed; fine-tune each seed's run with "
@@ -238,55 +219,40 @@ def resolve_config(cfg: Config) -> Config:
     return cfg
 
 
-def seed_config(cfg: Config, seed: int) -> Config:
-    """One seed's run in a group: the config `--seed seed` gives alone, in that seed's folder."""
+def seed_config(cfg: Config, seed: int) -> Config:  # a seed's run in a group: the config `--seed seed` gives alone
     return dataclasses.replace(cfg, seed=seed, seeds=(seed,), run_dir=cfg.run_dir.replace("{seed}", str(seed)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Datasets: OGBench and D4RL, moved to the device once; batches are sampled there
-# ----------------------------------------------------------------------------------------------
-ACTION_CLIP = 1 - 1e-5  # dataset actions are clipped so the flow never has to reach exactly +-1
-
-
+# ---- Datasets: OGBench and D4RL, moved to the device once; batches are sampled there -------------
 def load_datasets(env_name: str, dataset_dir: str) -> tuple[dict, dict | None]:
-    """(train, validation) transitions of the env's dataset, with rewards and masks for its task;
-    D4RL has no validation split."""
+    """(train, validation) transitions, rewards and masks for the env's task (D4RL: no validation); downloads."""
     if env_name in D4RL:
         return load_d4rl(env_name), None
-    splits = env_name.split("-")
-    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])
-    dataset_dir = os.path.expanduser(dataset_dir)
     import ogbench
-
-    files = [f"{dataset_name}.npz", f"{dataset_name}-val.npz"]
-    if not all(os.path.exists(os.path.join(dataset_dir, f)) for f in files):
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(60)  # a blocked network should fail, not hang forever
-        try:
-            ogbench.download_datasets([dataset_name], dataset_dir)
-        except OSError as err:
-            raise UsageError(f"dataset files {files[0]} and {files[1]} are not in {dataset_dir} and could not be "
-                             f"downloaded ({err}). Copy them there, or pass --dataset_dir DIR.") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    try:  # pixel datasets stay compact (each frame once, s' = the next row), not doubled by next_observations
+    splits, dataset_dir = env_name.split("-"), os.path.expanduser(dataset_dir)
+    dataset_name = "-".join(splits[: splits.index("singletask")] + splits[-1:])
+    files = [os.path.join(dataset_dir, f"{dataset_name}{split}.npz") for split in ("", "-val")]
+    missing, timeout = not all(map(os.path.exists, files)), socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a blocked network should fail, not hang forever
+    try:  # downloads missing files; pixel datasets stay compact (each frame once, s' = the next row)
         env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir,
                                                         compact_dataset=env_name.startswith("visual-"))
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        broken = [f for f in files if not zipfile.is_zipfile(os.path.join(dataset_dir, f))] or files
-        raise UsageError(f"{' or '.join(os.path.join(dataset_dir, f) for f in broken)} is not a readable OGBench "
-                         f"dataset ({type(err).__name__}; an interrupted download?): delete it to download it "
-                         "again, or copy a whole one there") from None
-    env.close()  # the env relabels the rewards for its task; eval.py makes its own to step
+        if missing:
+            raise UsageError(f"dataset files {files[0]} and {files[1]} are missing and could not be downloaded "
+                             f"({err}). Copy them there, or pass --dataset_dir DIR.") from None
+        broken = [file for file in files if not zipfile.is_zipfile(file)] or files
+        raise UsageError(f"{' or '.join(broken)} is not a readable OGBench dataset ({type(err).__name__}; an "
+                         "interrupted download?): delete it to download it again, or copy a whole one there") from None
+    finally:
+        socket.setdefaulttimeout(timeout)
+    env.close()  # it relabelled the rewards for its task; eval.py makes its own environments
     return train, val
 
 
 def load_d4rl(name: str) -> dict:
-    """Transitions of a D4RL dataset read from d4rl's own hdf5 file (no d4rl, no mujoco-py): converted as
-    d4rl.qlearning_dataset does, then post-processed as the official FQL code does."""
+    """A D4RL dataset from d4rl's hdf5 file, converted as d4rl.qlearning_dataset, then as the official FQL code."""
     import h5py
-
     directory = os.path.expanduser(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets"))
     url = D4RL_URL + D4RL[name][0]
     path = os.path.join(directory, os.path.basename(url))
@@ -326,11 +292,10 @@ def load_d4rl(name: str) -> dict:
 
 
 def to_device(dataset: dict, device) -> dict:
-    """Keep what the update needs on the device: float32 transitions, or for a compact pixel dataset the
-    uint8 frames with the rows that start a transition and the first row of each row's episode."""
+    """What the update needs, on the device: float32 transitions; for compact pixels, uint8 frames and row indices."""
     keys = ("actions", "rewards", "masks") + (("observations", "next_observations") if "valids" not in dataset else ())
     data = {k: torch.as_tensor(np.asarray(dataset[k], dtype=np.float32), device=device) for k in keys}
-    data["actions"] = data["actions"].clamp(-ACTION_CLIP, ACTION_CLIP)
+    data["actions"] = data["actions"].clamp(-1 + 1e-5, 1 - 1e-5)  # so the flow never has to reach exactly +-1
     if "valids" in dataset:
         rows = np.arange(len(dataset["valids"]))
         starts = np.concatenate([[True], dataset["valids"][:-1] == 0])  # a row after an episode's last frame
@@ -349,9 +314,8 @@ def sample_batch(data: dict, batch_size: int, generator: torch.Generator | None 
 
 def sample_pixels(data: dict, batch_size: int, generator: torch.Generator | None = None, *, frame_stack: int,
                   p_aug: float) -> dict:
-    """Uniform transitions of a compact pixel dataset: s stacks the frame_stack latest frames (oldest
-    first along the channels, the episode's first frame repeated before it starts) and s' the same one
-    row later. With probability p_aug the batch is randomly shifted, as the official code does."""
+    """Uniform transitions of a compact pixel dataset: s stacks the frame_stack latest frames (oldest first along the
+    channels, the episode's first frame repeated before it starts), s' the same one row later; randomly shifted."""
     rows = torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device, generator=generator)
     idx = data["valid_rows"][rows]
     start = data["episode_start"][idx]
@@ -367,9 +331,8 @@ def sample_pixels(data: dict, batch_size: int, generator: torch.Generator | None
 
 def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_aug: float,
                  generator: torch.Generator | None = None, pad: int = 3):
-    """With probability p_aug, shift each image by up to `pad` pixels (edge padding then a crop back to the
-    image size), s and s' of a sample by the same offset and each sample by its own, as the official code.
-    Both branches are computed and one is kept, so a recorded CUDA graph stays valid."""
+    """With probability p_aug, shift each image by up to `pad` pixels (edge padding, crop), s and s' of a sample
+    alike, each sample its own way (the official code's); both branches are computed, so a CUDA graph holds."""
     batch, height, width = observations.shape[:3]
     offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=observations.device, generator=generator) - pad
     rows = (torch.arange(height, device=observations.device) + offsets[:, :1]).clamp(0, height - 1)
@@ -380,8 +343,7 @@ def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_
             for images in (observations, next_observations)]
 
 
-def stacked_shape(data: dict, frame_stack: int | None) -> tuple[int, ...]:
-    """The shape of one observation as the networks see it: pixel frames stacked along the channels."""
+def stacked_shape(data: dict, frame_stack: int | None) -> tuple[int, ...]:  # an observation as the networks see it
     shape = tuple(data["observations"].shape[1:])
     return (*shape[:-1], shape[-1] * frame_stack) if "valid_rows" in data else shape
 
@@ -393,9 +355,14 @@ def make_sampler(data: dict, frame_stack: int | None = None, p_aug: float | None
     return functools.partial(sample_batch, data)
 
 
-# ----------------------------------------------------------------------------------------------
-# Networks
-# ----------------------------------------------------------------------------------------------
+# ---- Networks ------------------------------------------------------------------------------------
+def xavier_init(module: nn.Module):  # flax's initialisation in the official code
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
 class ResnetStack(nn.Module):
     """IMPALA stack: 3x3 conv, 3x3 max-pool with stride 2, then residual blocks of (ReLU, conv) x 2."""
 
@@ -415,25 +382,16 @@ class ResnetStack(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    """The official code's IMPALA encoder: uint8 images (..., H, W, C) scaled to [0, 1], ResNet stacks,
-    ReLU, flatten, then Linear -> GELU to 512 features. Xavier-uniform weights, zero biases."""
+    """The official IMPALA encoder: uint8 images (..., H, W, C) in [0, 1], ResNet stacks, ReLU, Linear -> GELU."""
 
     SIZES = {"impala_small": ((16, 32, 32), 1), "impala_debug": ((4, 4), 1)}  # stack widths, blocks each
 
     def __init__(self, image_shape: tuple[int, ...], kind: str, features: int = 512):
         super().__init__()
-        widths, blocks = self.SIZES[kind]
-        height, width, channels = image_shape
-        stacks = []
-        for stack_width in widths:
-            stacks.append(ResnetStack(channels, stack_width, blocks))
-            channels, height, width = stack_width, (height + 1) // 2, (width + 1) // 2
-        self.stacks = nn.Sequential(*stacks)
-        self.head = nn.Linear(channels * height * width, features)
-        for layer in self.modules():
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        (widths, blocks), (height, width, channels) = self.SIZES[kind], image_shape
+        self.stacks = nn.Sequential(*(ResnetStack(a, b, blocks) for a, b in zip((channels, *widths), widths)))
+        self.head = nn.Linear(self.stacks(torch.zeros(1, channels, height, width)).numel(), features)  # flattened
+        xavier_init(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (..., H, W, C) -> (..., features)
         x = images.reshape(-1, *images.shape[-3:]).float().div(255).movedim(-1, 1)
@@ -441,40 +399,25 @@ class ImpalaEncoder(nn.Module):
         return F.gelu(self.head(x), approximate="tanh").reshape(*images.shape[:-3], -1)
 
 
-def make_encoder(observation_shape: tuple[int, ...], cfg: Config) -> tuple[nn.Module, int]:
-    """(encoder, feature size): an IMPALA encoder for images, the identity for state vectors."""
-    if cfg.encoder is None:
-        return nn.Identity(), observation_shape[0]
-    return ImpalaEncoder(observation_shape, cfg.encoder), 512
-
-
 class MLP(nn.Module):
-    """Hidden layers Linear -> GELU (tanh approximation, flax's nn.gelu), then a plain Linear output;
-    Xavier-uniform weights everywhere, zero biases (flax's MLP in the official code, without LayerNorm
-    for the actors). The observation, the first input, goes through `encoder` first, unless it comes
-    `encoded` already."""
+    """Hidden layers Linear -> GELU (tanh form, flax's nn.gelu), then a Linear output: the official actors' MLP. The
+    observation, the first input, goes through `encoder` first, unless it comes `encoded` already."""
 
-    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, encoder: nn.Module = None):
+    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, encoder: nn.Module):
         super().__init__()
-        self.encoder = encoder if encoder is not None else nn.Identity()
-        layers, dim = [], in_dim
+        self.encoder, layers, dim = encoder, [], in_dim
         for width in hidden_dims:
             layers += [nn.Linear(dim, width), nn.GELU(approximate="tanh")]
             dim = width
-        layers.append(nn.Linear(dim, out_dim))
-        self.net = nn.Sequential(*layers)
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        self.net = nn.Sequential(*layers, nn.Linear(dim, out_dim))
+        xavier_init(self.net)
 
     def forward(self, obs: torch.Tensor, *inputs: torch.Tensor, encoded: bool = False) -> torch.Tensor:
         return self.net(torch.cat([obs if encoded else self.encoder(obs), *inputs], dim=-1))
 
 
 class EnsembleLinear(nn.Module):
-    """`members` independent Linear layers computed as one batched matmul. Weights are stored (in, out)
-    like flax kernels, each member drawn independently from Xavier uniform; biases zero."""
+    """`members` independent Linear layers (weights (in, out), Xavier-uniform each) as one batched matmul."""
 
     def __init__(self, members: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -499,21 +442,16 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class Critic(nn.Module):
-    """Two Q(s, a) members with independent weights, evaluated together: one batched matmul per layer
-    instead of two networks one after the other. Hidden layers Linear -> GELU(tanh) -> LayerNorm.
-    With an encoder, both members read the same encoded observation, as in the official code."""
+    """Two Q(s, a) members with independent weights, as one batched matmul per layer; hidden layers Linear -> GELU ->
+    LayerNorm. With an encoder, both members read the same encoded observation, as in the official code."""
 
-    def __init__(self, feature_dim: int, action_dim: int, hidden_dims: tuple[int, ...], members: int = 2,
-                 encoder: nn.Module = None):
+    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], encoder: nn.Module, members: int = 2):
         super().__init__()
-        self.encoder = encoder if encoder is not None else nn.Identity()
-        layers, dim = [], feature_dim + action_dim
+        self.encoder, layers, dim = encoder, [], in_dim
         for width in hidden_dims:
-            layers += [EnsembleLinear(members, dim, width), nn.GELU(approximate="tanh"),
-                       EnsembleLayerNorm(members, width)]
+            layers += [EnsembleLinear(members, dim, width), nn.GELU("tanh"), EnsembleLayerNorm(members, width)]
             dim = width
-        layers.append(EnsembleLinear(members, dim, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, EnsembleLinear(members, dim, 1))
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([self.encoder(obs), actions], dim=-1)).squeeze(-1)  # (members, batch)
@@ -525,26 +463,18 @@ class FQLNetworks(nn.Module):
     def __init__(self, observation_shape: tuple[int, ...], action_dim: int, cfg: Config):
         super().__init__()
         self.observation_shape = tuple(observation_shape)
-        encoder, dim = make_encoder(observation_shape, cfg)
-        self.critic = Critic(dim, action_dim, cfg.value_hidden_dims, encoder=encoder)
+        dim = 512 if cfg.encoder else observation_shape[0]  # an IMPALA encoder's features, or the state vector
+        encoders = [ImpalaEncoder(observation_shape, cfg.encoder) if cfg.encoder else nn.Identity() for _ in range(3)]
+        self.critic = Critic(dim + action_dim, cfg.value_hidden_dims, encoders[0])
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         # v(s, x_t, t): t enters as a raw scalar column, as in the official code
-        self.actor_bc_flow = MLP(dim + action_dim + 1, cfg.actor_hidden_dims, action_dim,
-                                 encoder=make_encoder(observation_shape, cfg)[0])
+        self.actor_bc_flow = MLP(dim + action_dim + 1, cfg.actor_hidden_dims, action_dim, encoders[1])
         # mu(s, z): one network call maps noise to an action
-        self.actor_onestep = MLP(dim + action_dim, cfg.actor_hidden_dims, action_dim,
-                                 encoder=make_encoder(observation_shape, cfg)[0])
+        self.actor_onestep = MLP(dim + action_dim, cfg.actor_hidden_dims, action_dim, encoders[2])
 
     def forward(self, batch: dict, noise: dict, cfg: Config, with_metrics: bool = False):
         """fql_losses of these networks: the call torch.func.functional_call makes with a seed's parameters."""
         return fql_losses(self, batch, noise, cfg, with_metrics)
-
-
-def with_frozen_params(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
-    """Call `module` with detached parameters: gradients reach the inputs but never the weights
-    (the official code calls the critic without `grad_params` for the actor's Q term)."""
-    params = {name: p.detach() for name, p in module.named_parameters()}
-    return torch.func.functional_call(module, params, inputs)
 
 
 def flow_actions(actor_bc_flow: nn.Module, obs: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
@@ -556,9 +486,7 @@ def flow_actions(actor_bc_flow: nn.Module, obs: torch.Tensor, noise: torch.Tenso
     return x.clamp(-1, 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses (paper Section 4 and Algorithm 1)
-# ----------------------------------------------------------------------------------------------
+# ---- Losses (paper Section 4 and Algorithm 1) ----------------------------------------------------
 def draw_noise(batch_size: int, action_dim: int, device, generator: torch.Generator | None = None) -> dict:
     """All random draws of one update, in one place, so tests can fix them."""
     shape, random = (batch_size, action_dim), dict(device=device, generator=generator)
@@ -571,8 +499,7 @@ def draw_noise(batch_size: int, action_dim: int, device, generator: torch.Genera
 
 
 def fql_losses(nets: FQLNetworks, batch: dict, noise: dict, cfg: Config, with_metrics: bool = False):
-    """Return (critic loss + actor loss, metrics). Pure: all randomness comes in `noise`.
-    Metrics (official keys) are only computed when asked for, at log steps."""
+    """(critic loss + actor loss, metrics with the official keys, at log steps only). All randomness is in `noise`."""
     obs, actions = batch["observations"], batch["actions"]
 
     # Critic, L_Q(phi): TD target from the target critic at a' = clip(mu(s', z'))
@@ -595,10 +522,11 @@ def fql_losses(nets: FQLNetworks, batch: dict, noise: dict, cfg: Config, with_me
     onestep_actions = nets.actor_onestep(obs, noise["z"])
     distill_loss = (onestep_actions - target_flow_actions).pow(2).mean()
 
-    # Q term of the one-step policy loss L_pi(omega): maximise Q at the clipped one-step action;
-    # the critic's weights get no gradient from it
+    # Q term of the one-step policy loss L_pi(omega): maximise Q at the clipped one-step action. The critic's weights
+    # are detached: gradients reach the actions, never the critic (the official code omits its `grad_params`)
     policy_actions = onestep_actions.clamp(-1, 1)
-    policy_q = with_frozen_params(nets.critic, obs, policy_actions).mean(dim=0)
+    frozen_critic = {name: p.detach() for name, p in nets.critic.named_parameters()}
+    policy_q = torch.func.functional_call(nets.critic, frozen_critic, (obs, policy_actions)).mean(dim=0)
     q_loss = -policy_q.mean()
     if cfg.normalize_q_loss:
         q_loss = q_loss / policy_q.abs().mean().detach()
@@ -616,75 +544,40 @@ def fql_losses(nets: FQLNetworks, batch: dict, noise: dict, cfg: Config, with_me
     return critic_loss + actor_loss, {k: v.detach() for k, v in metrics.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Seed groups: several independent agents as one batched computation
-# ----------------------------------------------------------------------------------------------
-# An agent trains the networks of one seed or of a group of seeds. Each parameter is stored once for all
-# of them, stacked along a leading seed dimension, and torch.vmap maps fql_losses, written for one agent,
-# over that dimension: one compiled loss, one Adam and, on CUDA, one CUDA graph train every seed. Adam, the
-# Polyak update and every loss are per element or per seed, so a group follows its separate trainings.
-def stack_parameters(seed_nets: list) -> dict:
-    """{name: the seeds' parameters stacked along dim 0}. Each seed's module then holds views of its slice,
-    so it keeps its current values for acting, state dicts and tests while Adam trains the stacks."""
-    params = {}
-    for name, first in seed_nets[0].named_parameters():
-        stacked = torch.stack([nets.get_parameter(name).detach() for nets in seed_nets])
-        params[name] = nn.Parameter(stacked, requires_grad=first.requires_grad)
-        module_name, _, param_name = name.rpartition(".")
-        for seed, nets in enumerate(seed_nets):
-            setattr(nets.get_submodule(module_name), param_name,
-                    nn.Parameter(params[name].detach()[seed], requires_grad=first.requires_grad))
-    return params
-
-
-def make_agent(cfg: Config, observation_shape: tuple[int, ...], action_dim: int) -> "FQLAgent":
-    """An agent for cfg.seeds: each seed's networks are initialised from torch.manual_seed(seed), and its
-    batches and noise come from a generator seeded from that seed's stream right after; so a seed in a
-    group starts and trains exactly as `--seed seed` alone."""
-    seed_nets, generators = [], []
-    for seed in cfg.seeds:
-        torch.manual_seed(seed)
-        seed_nets.append(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device))
-        generators.append(torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ()))))
-    return FQLAgent(seed_nets if len(seed_nets) > 1 else seed_nets[0], cfg, generators)
-
-
-# ----------------------------------------------------------------------------------------------
-# Agent: one Adam step on the summed loss, then the Polyak target update
-# ----------------------------------------------------------------------------------------------
+# ---- Agent: one Adam step on the summed loss, then the Polyak target update -------------------------
+# A group of seeds trains as one batched computation: each parameter is stored once for all seeds, stacked
+# along a leading seed dimension, and torch.vmap maps fql_losses, written for one agent, over it; one Adam
+# and, on CUDA, one CUDA graph update every seed. Adam, the Polyak update and every loss are per element or
+# per seed, so a group follows its separate trainings exactly.
 class FQLAgent:
-    """An FQL agent: `nets`, one FQLNetworks; or a group, a list of them (one per seed), whose batches, noise,
-    observations, actions and metrics carry a leading seed dimension. `generators`: each seed's
-    torch.Generator for its batches and noise (default: torch's global one)."""
+    """`nets`: an FQLNetworks, or a list of them (a seed group, whose batches, noise, observations, actions and metrics
+    have a leading seed dimension). `generators`: each seed's, for its batches and noise (default: new ones)."""
 
     def __init__(self, nets: FQLNetworks | list, cfg: Config, generators: list | None = None):
         self.grouped = isinstance(nets, list)
         self.seed_nets, self.cfg = nets if self.grouped else [nets], cfg
         self.nets = self.seed_nets[0]  # a single agent's networks (a group's first seed)
-        self.generators = generators or [None] * len(self.seed_nets)
-        self.observation_shape, self.action_dim = self.nets.observation_shape, self.nets.actor_onestep.net[-1].out_features
+        self.generators = generators or [torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ())))
+                                         for _ in self.seed_nets]
+        self.observation_shape = self.nets.observation_shape
+        self.action_dim = self.nets.actor_onestep.net[-1].out_features
         self.params = stack_parameters(self.seed_nets)
         self.critic_params = [p for name, p in self.params.items() if name.startswith("critic.")]
         self.target_params = [p for name, p in self.params.items() if name.startswith("target_critic.")]
-        self.actor_params = {name.removeprefix("actor_onestep."): p for name, p in self.params.items()
-                             if name.startswith("actor_onestep.")}
-        on_cuda = torch.device(cfg.device).type == "cuda"
-        # fused: one kernel for all parameters; capturable: Adam's step counters live on the GPU,
-        # so the whole update can be recorded in a CUDA graph
+        on_cuda = cfg.device.startswith("cuda")
+        # fused: one kernel for all parameters; capturable: step counters on the GPU, so a CUDA graph can hold Adam
         self.optimizer = torch.optim.Adam([p for p in self.params.values() if p.requires_grad], lr=cfg.lr,
                                           fused=True, capturable=on_cuda)
-        # torch.compile fuses the losses' forward and backward; Adam is already one fused kernel. Shapes and
-        # config numbers are fixed for a run, so nothing is compiled for dynamic shapes.
+        # torch.compile fuses the losses' forward and backward; shapes and config numbers are fixed for a run
         self.losses = torch.compile(self.losses_eager, dynamic=False) if cfg.compile else self.losses_eager
-        self.policy = self.policy_eager
-        if cfg.compile:  # on CUDA, also replayed as a CUDA graph per input shape
-            self.policy = torch.compile(self.policy_eager, dynamic=False, mode="reduce-overhead" if on_cuda else "default")
+        self.policy = self.policy_eager  # compiled, and on CUDA replayed as a CUDA graph
+        if cfg.compile:
+            self.policy = torch.compile(self.policy_eager, dynamic=False, mode="reduce-overhead" if on_cuda else None)
 
     def losses_eager(self, batch: dict, noise: dict, with_metrics: bool = False):
-        """The summed loss of every seed and each seed's metrics: fql_losses mapped over the seeds."""
+        """The sum of every seed's loss, and each seed's metrics: fql_losses mapped over the seeds."""
         def seed_losses(seed_params, seed_batch, seed_noise):
             return torch.func.functional_call(self.nets, seed_params, (seed_batch, seed_noise, self.cfg, with_metrics))
-
         inputs_dim = 0 if self.grouped else None  # a single agent's batch and noise have no seed dimension
         losses, metrics = torch.vmap(seed_losses, in_dims=(0, inputs_dim, inputs_dim))(self.params, batch, noise)
         return losses.sum(), metrics
@@ -693,15 +586,14 @@ class FQLAgent:
         loss, metrics = self.losses(batch, noise, with_metrics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # The official code moves the target towards the critic's parameters from before this step,
-        # so the lerp comes before optimizer.step().
+        # the official code moves the target towards the critic from before this step: the lerp comes first
         with torch.no_grad():
             torch._foreach_lerp_(self.target_params, self.critic_params, self.cfg.tau)
         self.optimizer.step()
         return metrics if self.grouped else {k: v[0] for k, v in metrics.items()}
 
     def draw(self, sample) -> tuple[dict, dict]:
-        """(batch, noise) of one update: each seed's from its own generator (`sample(batch_size, generator)`)."""
+        """(batch, noise) of one update, each seed's from its own generator (`sample(batch_size, generator)`)."""
         noises, batches = zip(*[(draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device, generator),
                                  sample(self.cfg.batch_size, generator)) for generator in self.generators])
         if not self.grouped:
@@ -709,28 +601,23 @@ class FQLAgent:
         return [{k: torch.stack([d[k] for d in draws]) for k in draws[0]} for draws in (batches, noises)]
 
     def train_step(self, sample, with_metrics: bool = False) -> dict:
-        """Sample a batch and the noise on the device, then update."""
         return self.update(*self.draw(sample), with_metrics)
 
     def policy_eager(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The one-step policy mu(s, z), clipped to [-1, 1]; a group maps each seed's observations through
-        its own policy."""
-        if not self.grouped:
-            return self.nets.actor_onestep(obs, z).clamp(-1, 1)
-        policy = functools.partial(torch.func.functional_call, self.nets.actor_onestep)
-        return torch.vmap(lambda params, o, noise: policy(params, (o, noise)))(self.actor_params, obs, z).clamp(-1, 1)
+        """mu(s, z) clipped to [-1, 1]; a group maps each seed's observations through its own policy."""
+        if self.grouped:
+            return torch.stack([nets.actor_onestep(o, n) for nets, o, n in zip(self.seed_nets, obs, z)]).clamp(-1, 1)
+        return self.nets.actor_onestep(obs, z).clamp(-1, 1)
 
     @torch.no_grad()
     def act(self, observations: np.ndarray) -> np.ndarray:
-        """Actions of the stochastic policy: mu(s, z) with fresh z ~ N(0, I), drawn outside the compiled policy
-        so that compiled and eager runs act alike."""
+        """The stochastic policy: fresh z ~ N(0, I), drawn outside the compiled policy so both act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
         z = torch.randn((*obs.shape[: obs.dim() - len(self.observation_shape)], self.action_dim), device=obs.device)
         return self.policy(obs, z).cpu().numpy()
 
     def state_dict(self, seed_index: int = 0) -> dict:
-        """One seed's networks and Adam state, laid out as a single agent's (copies: a view would save the
-        whole group's storage)."""
+        """One seed's networks and Adam state, as a single agent's (copies: a view saves the group's storage)."""
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {i: {k: (v if k == "step" else v[seed_index]).clone() for k, v in state.items()}
                               for i, state in optimizer["state"].items()}
@@ -738,7 +625,7 @@ class FQLAgent:
                     optimizer=optimizer)
 
     def load_state_dict(self, state: dict, seed_index: int = 0):
-        """Restore one seed. Adam's own flags (fused, capturable) stay those of this agent's device."""
+        """Restore one seed; Adam's own flags (fused, capturable) stay those of this agent's device."""
         self.seed_nets[seed_index].load_state_dict(state["nets"])
         params = self.optimizer.param_groups[0]["params"]
         for i, saved in state["optimizer"]["state"].items():  # empty before the first update
@@ -751,14 +638,34 @@ class FQLAgent:
             current["exp_avg_sq"][seed_index] = saved["exp_avg_sq"]
 
 
-class CUDAGraphStep:
-    """Record `fn` (no arguments) once as a CUDA graph, then replay it: one launch per training step
-    instead of hundreds of small kernels. The first call runs `fn` for real (which also compiles it and
-    creates Adam's state), the recording does not run it, and every later call replays the recording.
-    `fn` must read and write only tensors at fixed addresses: the dataset, parameters, Adam's state; the
-    `generators` it draws from advance at each replay."""
+def stack_parameters(seed_nets: list) -> dict:
+    """{name: the seeds' parameters stacked}; each seed's module then holds views of its slices, always current."""
+    params = {}
+    for name, first in seed_nets[0].named_parameters():
+        params[name] = nn.Parameter(torch.stack([nets.get_parameter(name).detach() for nets in seed_nets]),
+                                    requires_grad=first.requires_grad)
+        module_name, _, param_name = name.rpartition(".")
+        for seed, nets in enumerate(seed_nets):
+            setattr(nets.get_submodule(module_name), param_name,
+                    nn.Parameter(params[name].detach()[seed], requires_grad=first.requires_grad))
+    return params
 
-    def __init__(self, fn, generators: list = ()):
+
+def make_agent(cfg: Config, observation_shape: tuple[int, ...], action_dim: int) -> FQLAgent:
+    """An agent for cfg.seeds; each seed's networks and generator come from its own stream, as with `--seed` alone."""
+    seed_nets, generators = [], []
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        seed_nets.append(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device))
+        generators.append(torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ()))))
+    return FQLAgent(seed_nets if len(seed_nets) > 1 else seed_nets[0], cfg, generators)
+
+
+class CUDAGraphStep:
+    """Record `fn` once as a CUDA graph, then replay it: one launch per step instead of hundreds of kernels. The first
+    call runs `fn` for real (compiling it, creating Adam's state); `generators` advance at each replay."""
+
+    def __init__(self, fn, generators: list):
         self.fn, self.generators, self.graph, self.outputs = fn, generators, None, None
 
     def __call__(self) -> dict:
@@ -772,50 +679,44 @@ class CUDAGraphStep:
         torch.cuda.current_stream().wait_stream(side_stream)
         self.graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
-            if generator is not None:
-                self.graph.register_generator_state(generator)
+            self.graph.register_generator_state(generator)
         with torch.cuda.graph(self.graph):
             self.outputs = self.fn()
         return outputs
 
 
 def make_train_step(agent: FQLAgent, sample):
-    """The step the training loop calls: `step(with_metrics) -> metrics`. On CUDA, unless --no_cuda_graph,
-    each variant (plain, and with the metrics of log steps) is a CUDA graph recorded once."""
+    """`step(with_metrics) -> metrics`; on CUDA each variant is a CUDA graph unless --no_cuda_graph."""
     variants = {m: functools.partial(agent.train_step, sample, m) for m in (False, True)}
     if agent.cfg.cuda_graph and torch.device(agent.cfg.device).type == "cuda":
         variants = {m: CUDAGraphStep(fn, agent.generators) for m, fn in variants.items()}
     return lambda with_metrics: variants[with_metrics]()
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and logs: nothing written is lost when a run is killed
-# ----------------------------------------------------------------------------------------------
+# ---- Checkpoints and logs: nothing written is lost when a run is killed --------------------------
 # Fields that may change between a killed run and its resumption (run_dir: the same folder, spelled otherwise)
 RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", "eval_interval", "eval_episodes",
-                     "save_interval", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
-                     "benchmark", "run_dir"}
+                     "run_dir", "save_interval", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
+                     "benchmark"}
 
 
 def save_checkpoints(agent: FQLAgent, step: int, runs: list, online_state: dict | None = None):
-    """Each seed's checkpoint.pt in its run's folder (runs: the seeds' configs). All are written to temporary
-    files first, then renamed: a kill mid-write leaves the previous checkpoints intact, and a kill between a
-    group's renames is finished by --resume. `online_state`: fine-tuning's replay buffer."""
+    """Each seed's checkpoint.pt (with fine-tuning's `online_state`): all written to temporary files, then renamed,
+    so a kill leaves the previous ones whole (--resume finishes the renames of a group killed between them)."""
     paths = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
-    for i, (run, path) in enumerate(zip(runs, paths)):
-        generator = agent.generators[i]
+    for i, (run, path, generator) in enumerate(zip(runs, paths, agent.generators)):
+        rng = dict(generator=generator.get_state(), torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         torch.save(dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run), action_dim=agent.action_dim,
-                        observation_shape=agent.observation_shape, buffer=online_state, rng=dict(
-                            generator=generator.get_state() if generator is not None else None,
-                            torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
-                   path + ".tmp")
+                        observation_shape=agent.observation_shape, buffer=online_state, rng=rng), path + ".tmp")
     for path in paths:
         os.replace(path + ".tmp", path)
 
 
 def read_checkpoint(path: str) -> dict:
-    """A checkpoint's contents, or one clear line if the file is not a whole checkpoint."""
+    """A checkpoint's contents, or one clear line if the file is missing or not a whole checkpoint."""
+    if not os.path.exists(path):
+        raise UsageError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch.load fails in many ways on a truncated or foreign file
@@ -826,15 +727,8 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def checkpoint_config(state: dict, **changes) -> Config:
-    """The config a checkpoint was trained with (fields of another version of fql.py left out), changed."""
-    names = {field.name for field in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in {**state["config"], **changes}.items() if k in names})
-
-
 def check_same_run(saved: dict, cfg: Config):
-    """Refuse to resume a run whose saved config differs from this command's beyond what a resumption may
-    change; a field the saved config lacks (an older fql.py) counts as unchanged."""
+    """Refuse to resume a run whose config differs beyond RESUMABLE_CHANGES (fields an older fql.py lacked excepted)."""
     saved, new = (json.loads(json.dumps(c)) for c in (saved, dataclasses.asdict(cfg)))  # tuples as lists
     changed = [k for k, v in new.items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v]
     if changed:
@@ -844,18 +738,14 @@ def check_same_run(saved: dict, cfg: Config):
 
 def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, seed_index: int = 0) -> dict:
     """Restore one seed of a killed run: networks, optimiser and RNG states; returns the checkpoint."""
-    if not os.path.exists(path):
-        raise UsageError(f"--resume: no checkpoint at {path} while the group's other seeds have one; "
-                         "resume with the seeds the group started with")
     state = read_checkpoint(path)
     check_same_run(state["config"], cfg)
     agent.load_state_dict(state, seed_index)
-    generator, rng = agent.generators[seed_index], state["rng"]
-    if generator is not None and rng.get("generator") is not None:
-        try:
-            generator.set_state(rng["generator"])
-        except RuntimeError:  # saved on another kind of device: its stream cannot move, start a new one
-            generator.manual_seed(cfg.seed * 1_000_003 + state["step"])
+    rng = state["rng"]
+    try:
+        agent.generators[seed_index].set_state(rng["generator"])
+    except (KeyError, RuntimeError, TypeError):  # an older checkpoint, or one from another kind of device
+        agent.generators[seed_index].manual_seed(cfg.seed * 1_000_003 + state["step"])  # a new stream
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     if rng["cuda"] is not None and len(rng["cuda"]) <= torch.cuda.device_count():
@@ -864,9 +754,7 @@ def load_checkpoint(path: str, agent: FQLAgent, cfg: Config, seed_index: int = 0
 
 
 class CSVLog:
-    """Rows of metrics in a CSV file, rewritten atomically at each row (a few hundred rows per run), so
-    columns that appear later (fine-tuning's) widen the file. Rows after `keep_until_step` (written
-    after the checkpoint a run resumes from) are dropped at once."""
+    """Metric rows in a CSV file, rewritten atomically at each row; rows after `keep_until_step` are dropped."""
 
     def __init__(self, path: str, keep_until_step: int):
         self.path, self.rows = path, []
@@ -875,33 +763,22 @@ class CSVLog:
                 rows = list(csv.DictReader(f))
             self.rows = [r for r in rows if int(r["step"]) <= keep_until_step]
             if len(self.rows) < len(rows):
-                self.save()
+                self.write()
 
-    def write(self, row: dict):
-        self.rows.append(row)
-        self.save()
-
-    def save(self):
-        fields = list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"]
+    def write(self, row: dict | None = None):
+        self.rows += [row] if row else []
         with open(self.path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fields)
+            writer = csv.DictWriter(f, list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"])
             writer.writeheader()
             writer.writerows(self.rows)
         os.replace(self.path + ".tmp", self.path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loop
-# ----------------------------------------------------------------------------------------------
-def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | None = None) -> FQLAgent:
-    """Offline training of every seed in cfg.seeds, then, with --online_steps, online fine-tuning. The
-    environment side comes from outside (eval.py gives both; fql.py alone trains offline without evaluation):
-      evaluate(policy, seeds) -> a result {"success", "return", "length", ...} per seed: episodes of the
-        policy in the env, episode i of seed k from reset(seed=seeds[k] + i); a group's policy maps
-        observations with a leading seed dimension;
-      finetuning(cfg, train_data) -> an object with collect(policy) (one env step into its replay buffer),
-        sample(batch_size, generator), log() (a dict for train.csv), state_dict() and load_state_dict().
-    `init_checkpoint` starts from a saved agent (networks, optimiser, step): eval.py finetune uses it."""
+# ---- Training loop -------------------------------------------------------------------------------
+def train(cfg: Config, evaluate=None, finetuning=None) -> FQLAgent:
+    """Offline training of every seed in cfg.seeds, then, with --online_steps, fine-tuning. eval.py gives the env side
+    (without it, no evaluation): `evaluate(policy, seeds)` -> a result per seed, its episode i from reset(seed=seeds[k]
+    + i); `finetuning(cfg, train_data)` -> an object as eval.Finetuning (collect, sample, log, state dicts)."""
     cfg = resolve_config(cfg)
     runs = [seed_config(cfg, seed) for seed in cfg.seeds]  # each seed's run and its folder
     checkpoints = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
@@ -910,15 +787,12 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
         raise UsageError("--online_steps needs eval.py beside fql.py: it steps the environment")
     for run, path in zip(runs, checkpoints):
         if not cfg.resume and os.path.exists(path):
-            raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, "
-                             "or pass another --run_dir")
-        config_file = os.path.join(run.run_dir, "config.json")
-        if cfg.resume and not resuming and os.path.exists(config_file):  # killed before its first checkpoint
-            with open(config_file) as f:
+            raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or another --run_dir")
+        if cfg.resume and not resuming and os.path.exists(os.path.join(run.run_dir, "config.json")):
+            with open(os.path.join(run.run_dir, "config.json")) as f:  # a run killed before its first checkpoint
                 check_same_run(json.load(f), run)
     np.random.seed(cfg.seed)
-    if cfg.device.startswith("cuda"):
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as JAX uses by default on GPU
+    torch.set_float32_matmul_precision("high" if cfg.device.startswith("cuda") else "highest")  # TF32 on GPU, as JAX
 
     train_set, val_set = load_datasets(cfg.env, cfg.dataset_dir)
     train_data = to_device(train_set, cfg.device)  # one copy on the device, shared by all seeds
@@ -932,27 +806,21 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
     start = 0
     if resuming:
         if len({read_checkpoint(path)["step"] for path in checkpoints if os.path.exists(path)}) > 1:
-            for path in checkpoints:  # a group killed between its renames: each .tmp was whole before the first
+            for path in checkpoints:  # a group killed between its renames: every .tmp was whole before the first
                 if os.path.exists(path + ".tmp"):
                     os.replace(path + ".tmp", path)
         states = [load_checkpoint(path, agent, run, i) for i, (run, path) in enumerate(zip(runs, checkpoints))]
         start = states[0]["step"]
         if online and states[0]["buffer"] is not None:
             online.load_state_dict(states[0]["buffer"])
-    else:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {', '.join(run.run_dir for run in runs)} yet; starting from the beginning")
-        if init_checkpoint:
-            state = read_checkpoint(init_checkpoint)
-            agent.load_state_dict(state)
-            start = state["step"]
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {', '.join(run.run_dir for run in runs)} yet; starting from the beginning")
     for run in runs:  # written once the run is accepted
         os.makedirs(run.run_dir, exist_ok=True)
         with open(os.path.join(run.run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(run), f, indent=1)
     train_logs = [CSVLog(os.path.join(run.run_dir, "train.csv"), keep_until_step=start) for run in runs]
     eval_logs = [CSVLog(os.path.join(run.run_dir, "eval.csv"), keep_until_step=start) for run in runs]
-    wandb = None
     if cfg.wandb_project:
         try:
             import wandb
@@ -961,11 +829,9 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
         wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir), config=dataclasses.asdict(cfg))
 
     total_steps = cfg.offline_steps + cfg.online_steps
-    print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {observation_shape}, action "
-          f"{action_dim}, alpha {cfg.alpha}, seeds {' '.join(map(str, cfg.seeds))}, device {cfg.device}, "
-          f"compile {cfg.compile}, run dir {', '.join(run.run_dir for run in runs)}")
-    progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, unit="update",
-                    smoothing=0.05)
+    print(f"FQL on {cfg.env}: {len(train_data['actions'])} rows, observation {observation_shape}, action {action_dim}, "
+          f"alpha {cfg.alpha}, device {cfg.device}, compile {cfg.compile}, run in {', '.join(r.run_dir for r in runs)}")
+    progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps, unit="update", smoothing=0.05)
     last_time, last_step = time.time(), start
     for step in progress:
         log_now = step % cfg.log_interval == 0
@@ -978,32 +844,27 @@ def train(cfg: Config, evaluate=None, finetuning=None, init_checkpoint: str | No
         if log_now:  # the only host synchronisation between steps
             if val_data is not None:
                 with torch.no_grad():
-                    val_batch, val_noise = agent.draw(make_sampler(val_data, cfg.frame_stack, p_aug=0))
-                    val_metrics = agent.losses_eager(val_batch, val_noise, with_metrics=True)[1]
+                    val_metrics = agent.losses_eager(*agent.draw(make_sampler(val_data, cfg.frame_stack, p_aug=0)),
+                                                     with_metrics=True)[1]
                 metrics = {**metrics, **{f"validation/{k}": v for k, v in val_metrics.items()}}
-            values = torch.stack([v.reshape(-1) for v in metrics.values()]).T.tolist()  # a row per seed
             rate = (step - last_step) / (time.time() - last_time)
             last_time, last_step = time.time(), step
-            rows = [{"step": step, **dict(zip(metrics, seed_values))} for seed_values in values]
-            for row, log in zip(rows, train_logs):
-                row.update(online.log() if step > cfg.offline_steps else {}, **{"time/updates_per_sec": rate})
-                log.write(row)
-            for run, row in zip(runs, rows):
+            for run, log, values in zip(runs, train_logs, torch.stack([v.reshape(-1) for v in metrics.values()]).T):
+                row = {"step": step, **dict(zip(metrics, values.tolist())), "time/updates_per_sec": rate}
+                log.write({**row, **(online.log() if step > cfg.offline_steps else {})})
                 for key, value in row.items():
                     if not math.isfinite(value):
                         stop_diverged(f"{key} is {value} at step {step}", run)
-            progress.set_postfix(critic=f"{rows[0]['critic/critic_loss']:.3g}", bc=f"{rows[0]['actor/bc_flow_loss']:.3g}")
-            if wandb:
-                wandb.log(rows[0], step=step)
+            progress.set_postfix(critic=f"{train_logs[0].rows[-1]['critic/critic_loss']:.3g}")
+            if cfg.wandb_project:
+                wandb.log(train_logs[0].rows[-1], step=step)
 
         if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total_steps):
             results = evaluate(agent.act, [seed + step for seed in cfg.seeds])
             for result, log in zip(results, eval_logs):
                 log.write({"step": step, **{f"evaluation/{k}": v for k, v in result.items()}})
-            successes, returns = (" ".join(f"{r[k]:{form}}" for r in results) for k, form in
-                                  (("success", ".3f"), ("return", ".1f")))
-            progress.write(f"step {step}: success {successes}, return {returns}")
-            if wandb:
+            progress.write(f"step {step}: success {' '.join(format(r['success'], '.3f') for r in results)}")
+            if cfg.wandb_project:
                 wandb.log({f"evaluation/{k}": v for k, v in results[0].items()}, step=step)
             last_time = time.time()  # evaluation time does not count against updates/s
 
@@ -1021,70 +882,49 @@ def stop_diverged(what: str, run: Config):
                      "holds the parameters from before. Try a smaller --lr or --alpha, or --normalize_q_loss")
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark: the training step in each execution mode, on random data
-# ----------------------------------------------------------------------------------------------
+# ---- Benchmark: the training step in each execution mode, on random data -------------------------
 def benchmark(cfg: Config, observation_shape: tuple[int, ...], action_dim: int, repeats: int = 3,
               seconds: float = 2.0) -> dict:
-    """`python fql.py --benchmark`: median updates/s of `repeats` timings (of about `seconds` each) of the
-    training step after warm-up, in each execution mode, on random data with the env's shapes (one raw
-    frame for pixels) and the config's networks; with several --seeds, also the whole group's steps/s.
-    Returns {(mode, number of seeds): (steps/s, steps per timing, the steps its Adam counted)}."""
-    cfg = resolve_config(cfg)
-    rng, n = np.random.default_rng(cfg.seed), 100_000 if len(observation_shape) == 1 else 10_000
-    if len(observation_shape) == 1:
-        dataset = dict(observations=rng.normal(size=(n, *observation_shape)),
-                       next_observations=rng.normal(size=(n, *observation_shape)))
-    else:  # compact frames, as pixel datasets are stored
-        dataset = dict(observations=rng.integers(0, 256, (n, *observation_shape), dtype=np.uint8),
-                       valids=np.arange(n) < n - 1)
-    dataset.update(actions=rng.uniform(-1, 1, (n, action_dim)), rewards=-rng.integers(0, 2, n), masks=np.ones(n))
-    data = to_device(dataset, cfg.device)
-    observation_shape = stacked_shape(data, cfg.frame_stack)
-    on_cuda = torch.device(cfg.device).type == "cuda"
-    if on_cuda:
-        torch.set_float32_matmul_precision("high")  # as in training
+    """--benchmark: median steps/s of `repeats` timings (`seconds` each) of the training step in each mode, one seed and
+    the group, on random data of the env's shapes. Returns {(mode, seeds): (steps/s, steps per timing, Adam steps)}."""
+    cfg, pixels = resolve_config(cfg), len(observation_shape) == 3
+    rng, n = np.random.default_rng(cfg.seed), 10_000 if pixels else 100_000
+    observations = (rng.integers(0, 256, (n, *observation_shape), dtype=np.uint8) if pixels  # compact frames
+                    else rng.normal(size=(n, *observation_shape)))
+    layout = dict(valids=np.arange(n) < n - 1) if pixels else dict(next_observations=observations[::-1])
+    data = to_device(dict(observations=observations, actions=rng.uniform(-1, 1, (n, action_dim)),
+                          rewards=-rng.integers(0, 2, n), masks=np.ones(n), **layout), cfg.device)
+    observation_shape, on_cuda = stacked_shape(data, cfg.frame_stack), torch.device(cfg.device).type == "cuda"
+    torch.set_float32_matmul_precision("high" if on_cuda else "highest")  # as in training
     device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
-    modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False)}
-    if on_cuda:
-        modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
-    print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch {cfg.batch_size}, "
-          f"critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
+    print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch {cfg.batch_size}, critic "
+          f"{cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
           f"torch {torch.__version__}")
+    modes = {"eager": dict(compile=False, cuda_graph=False), "compile": dict(compile=True, cuda_graph=False),
+             **({"compile + CUDA graph": dict(compile=True, cuda_graph=True)} if on_cuda else {})}
+    def timed(step, steps: int) -> float:  # seconds for `steps` training steps, the device waited for
+        start = time.perf_counter()
+        for i in range(steps):
+            metrics = step(i == steps - 1)
+        metrics["critic/critic_loss"].cpu()
+        return time.perf_counter() - start
+
     results = {}
     for name, flags in modes.items():
         for seeds in dict.fromkeys([cfg.seeds[:1], cfg.seeds]):  # one seed, then the group
             agent = make_agent(dataclasses.replace(cfg, seeds=seeds, **flags), observation_shape, action_dim)
             step = make_train_step(agent, make_sampler(data, cfg.frame_stack, cfg.p_aug))
-            rates, start = [], time.perf_counter()
-            for _ in range(3):  # warm-up: compilation and graph recording happen here
-                step(False)
-            step(True)["critic/critic_loss"].cpu()  # waits for the device
-            warmup, start = time.perf_counter() - start, time.perf_counter()
-            for _ in range(5):
-                step(False)
-            step(True)["critic/critic_loss"].cpu()
-            updates = max(10, round(seconds * 6 / (time.perf_counter() - start)))  # about `seconds` per timing
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(updates - 1):
-                    step(False)
-                step(True)["critic/critic_loss"].cpu()
-                rates.append(updates / (time.perf_counter() - start))
-            rate, adam_steps = float(np.median(rates)), int(next(iter(agent.optimizer.state.values()))["step"])
-            results[name, len(seeds)] = rate, updates, adam_steps
-            if len(seeds) == 1:
-                print(f"{name:<22} {rate:9.1f} updates/s   (warm-up {warmup:5.1f} s)", flush=True)
-            else:
-                single = results[name, 1][0]
-                print(f"{name:<22} {rate:9.1f} steps/s of {len(seeds)} seeds = {rate * len(seeds):.1f} seed-updates/s, "
-                      f"{rate * len(seeds) / single:.2f}x one seed   (warm-up {warmup:5.1f} s)", flush=True)
+            warmup = timed(step, 4)  # compilation and graph recording happen here
+            updates = max(10, round(seconds * 6 / timed(step, 6)))
+            rate = float(np.median([updates / timed(step, updates) for _ in range(repeats)]))
+            results[name, len(seeds)] = rate, updates, int(next(iter(agent.optimizer.state.values()))["step"])
+            group = (f"steps/s of {len(seeds)} seeds = {rate * len(seeds):.1f} seed-updates/s, "
+                     f"{rate * len(seeds) / results[name, 1][0]:.2f}x one seed" if len(seeds) > 1 else "updates/s")
+            print(f"{name:<22} {rate:9.1f} {group}   (warm-up {warmup:5.1f} s)", flush=True)
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+# ---- Command line --------------------------------------------------------------------------------
 def main(argv: list[str] | None = None):
     cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.split("\n")[0])
     try:
