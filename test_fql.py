@@ -202,6 +202,14 @@ def test_gradients_flow_only_where_they_must(normalize_q_loss):
     assert grads(e["bc"], nets.actor_bc_flow)[-1].abs().sum() > 0
     # the summed loss never touches the target critic
     assert all(not p.requires_grad for p in nets.target_critic.parameters())
+    # the agent's loss (fql_losses mapped by torch.vmap over its stacked parameters) sends the same gradients
+    expected = {name: grads(own, getattr(nets, name)) for name, own in own_terms.items()}
+    agent = fql.FQLAgent(nets, cfg)
+    loss, _ = agent.losses_eager(batch, noise)
+    for name, want in expected.items():
+        stacked = [agent.params[f"{name}.{p}"] for p, _ in getattr(nets, name).named_parameters()]
+        for got, w in zip(torch.autograd.grad(loss, stacked, retain_graph=True), want, strict=True):
+            torch.testing.assert_close(got[0], w, rtol=1e-9, atol=1e-12)
 
 
 def test_q_term_alone_moves_the_one_step_policy():
