@@ -353,8 +353,9 @@ class ReplayBuffer:
         self.count = min(self.count + 1, self.capacity)
         self.size.fill_(self.count)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
-        idx = (torch.rand(batch_size, device=self.size.device, generator=generator) * self.size).long()
+    def sample(self, batch_size: int, generators: list = (None,)) -> dict:  # as fql.sample_batch
+        idx = (torch.stack([torch.rand(batch_size, device=self.size.device, generator=g) for g in generators])
+               * self.size).long()
         return {k: v[idx] for k, v in self.data.items()}
 
     def online_rows(self) -> torch.Tensor:
@@ -376,11 +377,11 @@ class ReplayBuffer:
         self.size.fill_(self.count)
 
 
-def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int, generator: torch.Generator | None = None):
-    """Half of the batch from the offline dataset, half from the online transitions."""
-    first = fql.sample_batch(offline, batch_size // 2, generator)
-    second = buffer.sample(batch_size - batch_size // 2, generator)
-    return {k: torch.cat([first[k], second[k]]) for k in first}
+def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int, generators: list = (None,)):
+    """Half of each batch from the offline dataset, half from the online transitions."""
+    first = fql.sample_batch(offline, batch_size // 2, generators)
+    second = buffer.sample(batch_size - batch_size // 2, generators)
+    return {k: torch.cat([first[k], second[k]], dim=1) for k in first}
 
 
 class OnlineCollector:

@@ -305,18 +305,19 @@ def to_device(dataset: dict, device) -> dict:
     return data
 
 
-def sample_batch(data: dict, batch_size: int, generator: torch.Generator | None = None) -> dict:
-    """Uniform transitions, indexed on the device (no host-to-device copy per step)."""
-    n = data["observations"].shape[0]
-    idx = torch.randint(n, (batch_size,), device=data["observations"].device, generator=generator)
+def sample_batch(data: dict, batch_size: int, generators: list = (None,)) -> dict:
+    """Uniform transitions, a batch per generator (a seed's) stacked along a leading seed dimension: each seed draws its
+    own indices, then one gather per array on the device serves every seed (no host-to-device copy per step)."""
+    n, device = data["observations"].shape[0], data["observations"].device
+    idx = torch.stack([torch.randint(n, (batch_size,), device=device, generator=g) for g in generators])
     return {k: v[idx] for k, v in data.items()}
 
 
-def sample_pixels(data: dict, batch_size: int, generator: torch.Generator | None = None, *, frame_stack: int,
-                  p_aug: float) -> dict:
-    """Uniform transitions of a compact pixel dataset: s stacks the frame_stack latest frames (oldest first along the
+def sample_pixels(data: dict, batch_size: int, generators: list = (None,), *, frame_stack: int, p_aug: float) -> dict:
+    """sample_batch for a compact pixel dataset: s stacks the frame_stack latest frames (oldest first along the
     channels, the episode's first frame repeated before it starts), s' the same one row later; randomly shifted."""
-    rows = torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device, generator=generator)
+    rows = torch.stack([torch.randint(len(data["valid_rows"]), (batch_size,), device=data["actions"].device,
+                                      generator=g) for g in generators])
     idx = data["valid_rows"][rows]
     start = data["episode_start"][idx]
     batch = {k: data[k][idx] for k in ("actions", "rewards", "masks")}
@@ -325,21 +326,22 @@ def sample_pixels(data: dict, batch_size: int, generator: torch.Generator | None
         batch[key] = torch.cat(frames, dim=-1)
     if p_aug:
         batch["observations"], batch["next_observations"] = random_shift(
-            batch["observations"], batch["next_observations"], p_aug, generator)
+            batch["observations"], batch["next_observations"], p_aug, generators)
     return batch
 
 
 def random_shift(observations: torch.Tensor, next_observations: torch.Tensor, p_aug: float,
-                 generator: torch.Generator | None = None, pad: int = 3):
-    """With probability p_aug, shift each image by up to `pad` pixels (edge padding, crop), s and s' of a sample
-    alike, each sample its own way (the official code's); both branches are computed, so a CUDA graph holds."""
-    batch, height, width = observations.shape[:3]
-    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=observations.device, generator=generator) - pad
-    rows = (torch.arange(height, device=observations.device) + offsets[:, :1]).clamp(0, height - 1)
-    cols = (torch.arange(width, device=observations.device) + offsets[:, 1:]).clamp(0, width - 1)
-    apply = torch.rand((), device=observations.device, generator=generator) < p_aug
-    samples = torch.arange(batch, device=observations.device)[:, None, None]
-    return [torch.where(apply, images[samples, rows[:, :, None], cols[:, None, :]], images)
+                 generators: list = (None,), pad: int = 3):
+    """With probability p_aug (per seed and update), shift each image of (seed, sample, H, W, C) batches by up to `pad`
+    pixels (edge padding, crop), s and s' alike, each sample its own way; both branches run, so a CUDA graph holds."""
+    (seeds, batch, height, width), device = observations.shape[:4], observations.device
+    offsets = torch.stack([torch.randint(0, 2 * pad + 1, (batch, 2), device=device, generator=g) for g in generators])
+    apply = torch.stack([torch.rand((), device=device, generator=g) for g in generators]) < p_aug
+    rows = (torch.arange(height, device=device) + offsets[..., :1] - pad).clamp(0, height - 1)[..., :, None]
+    cols = (torch.arange(width, device=device) + offsets[..., 1:] - pad).clamp(0, width - 1)[..., None, :]
+    seed = torch.arange(seeds, device=device)[:, None, None, None]
+    sample = torch.arange(batch, device=device)[:, None, None]
+    return [torch.where(apply[:, None, None, None, None], images[seed, sample, rows, cols], images)
             for images in (observations, next_observations)]
 
 
@@ -349,18 +351,26 @@ def stacked_shape(data: dict, frame_stack: int | None) -> tuple[int, ...]:  # an
 
 
 def make_sampler(data: dict, frame_stack: int | None = None, p_aug: float | None = None):
-    """`sample(batch_size, generator) -> batch` for the dataset's layout (frame_stack and p_aug: pixels only)."""
+    """`sample(batch_size, generators) -> batches` for the dataset's layout (frame_stack and p_aug: pixels only)."""
     if "valid_rows" in data:
         return functools.partial(sample_pixels, data, frame_stack=frame_stack, p_aug=p_aug)
     return functools.partial(sample_batch, data)
 
 
 # ---- Networks ------------------------------------------------------------------------------------
-def xavier_init(module: nn.Module):  # flax's initialisation in the official code
-    for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+class Dense(nn.Module):
+    """flax's Dense: x @ weight + bias, weight (in, out), Xavier-uniform (the official code's initialisation); with
+    `members`, that many independent layers as one batched matmul. In this layout the gradient x^T g comes in the
+    weight's own layout (an nn.Linear weight, (out, in), gets a transposed one under vmap: a copy at each step)."""
+
+    def __init__(self, in_dim: int, out_dim: int, members: int | None = None):
+        super().__init__()
+        bound, leading = math.sqrt(6 / (in_dim + out_dim)), (members,) if members else ()
+        self.weight = nn.Parameter(torch.empty(*leading, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(members, 1, out_dim) if members else torch.zeros(out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, in) or (members, batch, in) -> (members?, batch, out)
+        return x @ self.weight + self.bias
 
 
 class ResnetStack(nn.Module):
@@ -382,7 +392,7 @@ class ResnetStack(nn.Module):
 
 
 class ImpalaEncoder(nn.Module):
-    """The official IMPALA encoder: uint8 images (..., H, W, C) in [0, 1], ResNet stacks, ReLU, Linear -> GELU."""
+    """The official IMPALA encoder: uint8 images (..., H, W, C) in [0, 1], ResNet stacks, ReLU, Dense -> GELU."""
 
     SIZES = {"impala_small": ((16, 32, 32), 1), "impala_debug": ((4, 4), 1)}  # stack widths, blocks each
 
@@ -390,8 +400,11 @@ class ImpalaEncoder(nn.Module):
         super().__init__()
         (widths, blocks), (height, width, channels) = self.SIZES[kind], image_shape
         self.stacks = nn.Sequential(*(ResnetStack(a, b, blocks) for a, b in zip((channels, *widths), widths)))
-        self.head = nn.Linear(self.stacks(torch.zeros(1, channels, height, width)).numel(), features)  # flattened
-        xavier_init(self)
+        self.head = Dense(self.stacks(torch.zeros(1, channels, height, width)).numel(), features)  # flattened
+        for conv in self.modules():  # flax's initialisation in the official code
+            if isinstance(conv, nn.Conv2d):
+                nn.init.xavier_uniform_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (..., H, W, C) -> (..., features)
         x = images.reshape(-1, *images.shape[-3:]).float().div(255).movedim(-1, 1)
@@ -400,33 +413,19 @@ class ImpalaEncoder(nn.Module):
 
 
 class MLP(nn.Module):
-    """Hidden layers Linear -> GELU (tanh form, flax's nn.gelu), then a Linear output: the official actors' MLP. The
+    """Hidden layers Dense -> GELU (tanh form, flax's nn.gelu), then a Dense output: the official actors' MLP. The
     observation, the first input, goes through `encoder` first, unless it comes `encoded` already."""
 
     def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, encoder: nn.Module):
         super().__init__()
         self.encoder, layers, dim = encoder, [], in_dim
         for width in hidden_dims:
-            layers += [nn.Linear(dim, width), nn.GELU(approximate="tanh")]
+            layers += [Dense(dim, width), nn.GELU(approximate="tanh")]
             dim = width
-        self.net = nn.Sequential(*layers, nn.Linear(dim, out_dim))
-        xavier_init(self.net)
+        self.net = nn.Sequential(*layers, Dense(dim, out_dim))
 
     def forward(self, obs: torch.Tensor, *inputs: torch.Tensor, encoded: bool = False) -> torch.Tensor:
         return self.net(torch.cat([obs if encoded else self.encoder(obs), *inputs], dim=-1))
-
-
-class EnsembleLinear(nn.Module):
-    """`members` independent Linear layers (weights (in, out), Xavier-uniform each) as one batched matmul."""
-
-    def __init__(self, members: int, in_dim: int, out_dim: int):
-        super().__init__()
-        bound = math.sqrt(6 / (in_dim + out_dim))
-        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(members, 1, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, in) or (members, batch, in)
-        return x @ self.weight + self.bias  # -> (members, batch, out)
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -442,16 +441,16 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class Critic(nn.Module):
-    """Two Q(s, a) members with independent weights, as one batched matmul per layer; hidden layers Linear -> GELU ->
+    """Two Q(s, a) members with independent weights, as one batched matmul per layer; hidden layers Dense -> GELU ->
     LayerNorm. With an encoder, both members read the same encoded observation, as in the official code."""
 
     def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], encoder: nn.Module, members: int = 2):
         super().__init__()
         self.encoder, layers, dim = encoder, [], in_dim
         for width in hidden_dims:
-            layers += [EnsembleLinear(members, dim, width), nn.GELU("tanh"), EnsembleLayerNorm(members, width)]
+            layers += [Dense(dim, width, members), nn.GELU("tanh"), EnsembleLayerNorm(members, width)]
             dim = width
-        self.net = nn.Sequential(*layers, EnsembleLinear(members, dim, 1))
+        self.net = nn.Sequential(*layers, Dense(dim, 1, members))
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([self.encoder(obs), actions], dim=-1)).squeeze(-1)  # (members, batch)
@@ -489,12 +488,12 @@ def flow_actions(actor_bc_flow: nn.Module, obs: torch.Tensor, noise: torch.Tenso
 # ---- Losses (paper Section 4 and Algorithm 1) ----------------------------------------------------
 def draw_noise(batch_size: int, action_dim: int, device, generator: torch.Generator | None = None) -> dict:
     """All random draws of one update, in one place, so tests can fix them."""
-    shape, random = (batch_size, action_dim), dict(device=device, generator=generator)
+    normal = torch.randn((3, batch_size, action_dim), device=device, generator=generator)  # one kernel for three
     return dict(
-        x0=torch.randn(shape, **random),  # BC flow: source sample
-        t=torch.rand((batch_size, 1), **random),  # BC flow: time, per sample
-        z=torch.randn(shape, **random),  # one-step policy noise for distillation and Q term
-        z_next=torch.randn(shape, **random),  # one-step policy noise for the next actions a'
+        x0=normal[0],  # BC flow: source sample
+        t=torch.rand((batch_size, 1), device=device, generator=generator),  # BC flow: time, per sample
+        z=normal[1],  # one-step policy noise for distillation and Q term
+        z_next=normal[2],  # one-step policy noise for the next actions a'
     )
 
 
@@ -559,8 +558,7 @@ class FQLAgent:
         self.nets = self.seed_nets[0]  # a single agent's networks (a group's first seed)
         self.generators = generators or [torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ())))
                                          for _ in self.seed_nets]
-        self.observation_shape = self.nets.observation_shape
-        self.action_dim = self.nets.actor_onestep.net[-1].out_features
+        self.action_dim = self.nets.actor_onestep.net[-1].weight.shape[-1]
         self.params = stack_parameters(self.seed_nets)
         self.critic_params = [p for name, p in self.params.items() if name.startswith("critic.")]
         self.target_params = [p for name, p in self.params.items() if name.startswith("target_critic.")]
@@ -570,9 +568,8 @@ class FQLAgent:
                                           fused=True, capturable=on_cuda)
         # torch.compile fuses the losses' forward and backward; shapes and config numbers are fixed for a run
         self.losses = torch.compile(self.losses_eager, dynamic=False) if cfg.compile else self.losses_eager
-        self.policy = self.policy_eager  # compiled, and on CUDA replayed as a CUDA graph
-        if cfg.compile:
-            self.policy = torch.compile(self.policy_eager, dynamic=False, mode="reduce-overhead" if on_cuda else None)
+        self.policy = (torch.compile(self.policy_eager, dynamic=False, mode="reduce-overhead" if on_cuda else None)
+                       if cfg.compile else self.policy_eager)  # reduce-overhead: replayed as a CUDA graph
 
     def losses_eager(self, batch: dict, noise: dict, with_metrics: bool = False):
         """The sum of every seed's loss, and each seed's metrics: fql_losses mapped over the seeds."""
@@ -593,12 +590,12 @@ class FQLAgent:
         return metrics if self.grouped else {k: v[0] for k, v in metrics.items()}
 
     def draw(self, sample) -> tuple[dict, dict]:
-        """(batch, noise) of one update, each seed's from its own generator (`sample(batch_size, generator)`)."""
-        noises, batches = zip(*[(draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device, generator),
-                                 sample(self.cfg.batch_size, generator)) for generator in self.generators])
+        """(batch, noise) of one update, each seed's from its own generator (`sample(batch_size, generators)`)."""
+        batch = sample(self.cfg.batch_size, self.generators)  # every seed's at once: a few kernels, not a few per seed
+        noises = [draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device, g) for g in self.generators]
         if not self.grouped:
-            return batches[0], noises[0]
-        return [{k: torch.stack([d[k] for d in draws]) for k in draws[0]} for draws in (batches, noises)]
+            return {k: v[0] for k, v in batch.items()}, noises[0]
+        return batch, {k: torch.stack([noise[k] for noise in noises]) for k in noises[0]}
 
     def train_step(self, sample, with_metrics: bool = False) -> dict:
         return self.update(*self.draw(sample), with_metrics)
@@ -613,7 +610,7 @@ class FQLAgent:
     def act(self, observations: np.ndarray) -> np.ndarray:
         """The stochastic policy: fresh z ~ N(0, I), drawn outside the compiled policy so both act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
-        z = torch.randn((*obs.shape[: obs.dim() - len(self.observation_shape)], self.action_dim), device=obs.device)
+        z = torch.randn((*obs.shape[:-len(self.nets.observation_shape)], self.action_dim), device=obs.device)
         return self.policy(obs, z).cpu().numpy()
 
     def state_dict(self, seed_index: int = 0) -> dict:
@@ -626,7 +623,11 @@ class FQLAgent:
 
     def load_state_dict(self, state: dict, seed_index: int = 0):
         """Restore one seed; Adam's own flags (fused, capturable) stay those of this agent's device."""
-        self.seed_nets[seed_index].load_state_dict(state["nets"])
+        try:
+            self.seed_nets[seed_index].load_state_dict(state["nets"])
+        except RuntimeError:  # shapes that differ: the checkpoint's config built these networks
+            raise UsageError("the checkpoint's networks do not fit this fql.py's: an fql.py from before 2026-11-26 "
+                             "stored its actors' weights as (out, in); use that version with it") from None
         params = self.optimizer.param_groups[0]["params"]
         for i, saved in state["optimizer"]["state"].items():  # empty before the first update
             current = self.optimizer.state[params[i]]
@@ -634,8 +635,8 @@ class FQLAgent:
                 current.update(step=torch.zeros((), device=params[i].device), exp_avg=torch.zeros_like(params[i]),
                                exp_avg_sq=torch.zeros_like(params[i]))
             current["step"].copy_(saved["step"])
-            current["exp_avg"][seed_index] = saved["exp_avg"]
-            current["exp_avg_sq"][seed_index] = saved["exp_avg_sq"]
+            for moment in ("exp_avg", "exp_avg_sq"):
+                current[moment][seed_index] = saved[moment]
 
 
 def stack_parameters(seed_nets: list) -> dict:
@@ -708,7 +709,7 @@ def save_checkpoints(agent: FQLAgent, step: int, runs: list, online_state: dict 
         rng = dict(generator=generator.get_state(), torch=torch.get_rng_state(), numpy=np.random.get_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         torch.save(dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run), action_dim=agent.action_dim,
-                        observation_shape=agent.observation_shape, buffer=online_state, rng=rng), path + ".tmp")
+                        observation_shape=agent.nets.observation_shape, buffer=online_state, rng=rng), path + ".tmp")
     for path in paths:
         os.replace(path + ".tmp", path)
 

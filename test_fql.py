@@ -74,11 +74,11 @@ def manual_mlp(layers: list, x: torch.Tensor, norms: list | None = None) -> torc
 
 
 def actor_layers(mlp: fql.MLP) -> list:
-    return [(m.weight.T, m.bias) for m in mlp.net if isinstance(m, nn.Linear)]
+    return [(m.weight, m.bias) for m in mlp.net if isinstance(m, fql.Dense)]
 
 
 def critic_member_layers(critic: fql.Critic, member: int):
-    layers = [(m.weight[member], m.bias[member, 0]) for m in critic.net if isinstance(m, fql.EnsembleLinear)]
+    layers = [(m.weight[member], m.bias[member, 0]) for m in critic.net if isinstance(m, fql.Dense)]
     norms = [(m.weight[member, 0], m.bias[member, 0]) for m in critic.net if isinstance(m, fql.EnsembleLayerNorm)]
     return layers, norms
 
@@ -164,10 +164,16 @@ def test_dataset_on_device_clips_actions_and_samples_whole_transitions():
     assert set(data) == {"observations", "actions", "rewards", "masks", "next_observations"}
     assert data["actions"].dtype == torch.float32
     assert data["actions"].max() == np.float32(1 - 1e-5) and data["actions"].min() == np.float32(-1 + 1e-5)
-    batch = fql.sample_batch(data, 4096)
-    i = batch["observations"][:, 0]
-    assert torch.equal(batch["next_observations"][:, 0], i + 1) and torch.equal(batch["rewards"], -i)
-    assert torch.equal(batch["masks"], i % 2) and len(torch.unique(i)) > 900  # uniform over the dataset
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    batches = fql.sample_batch(data, 4096, generators)  # one batch per seed's generator, stacked
+    assert batches["observations"].shape == (2, 4096, 2) and batches["rewards"].shape == (2, 4096)
+    for seed, batch in zip((1, 2), (dict(zip(batches, values)) for values in zip(*batches.values()))):
+        i = batch["observations"][:, 0]
+        assert torch.equal(batch["next_observations"][:, 0], i + 1) and torch.equal(batch["rewards"], -i)
+        assert torch.equal(batch["masks"], i % 2) and len(torch.unique(i)) > 900  # uniform over the dataset
+        alone = fql.sample_batch(data, 4096, [torch.Generator().manual_seed(seed)])  # the seed's draws, its own
+        assert all(torch.equal(alone[k][0], batch[k]) for k in batch)
+    assert not torch.equal(batches["observations"][0], batches["observations"][1])
 
 
 def test_min_and_mean_aggregation_give_different_targets():
@@ -229,8 +235,7 @@ def test_q_term_alone_moves_the_one_step_policy():
 def test_initialisation_matches_official():
     torch.manual_seed(0)
     nets = fql.FQLNetworks((20,), 4, make_config(actor_hidden_dims=(256, 256), value_hidden_dims=(256, 256)))
-    weights = [(m.weight.T, m.bias) for name in ("actor_bc_flow", "actor_onestep")
-               for m in getattr(nets, name).modules() if isinstance(m, nn.Linear)]
+    weights = [layer for name in ("actor_bc_flow", "actor_onestep") for layer in actor_layers(getattr(nets, name))]
     weights += [critic_member_layers(nets.critic, e)[0][i] for e in range(2) for i in range(3)]
     assert len(weights) == 3 * 2 + 3 * 2  # 2 hidden + output: 2 actors, 2 critic members
     for weight, bias in weights:  # Xavier uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
@@ -246,7 +251,7 @@ def test_initialisation_matches_official():
     gelus = [m for name in ("critic", "actor_bc_flow") for m in getattr(nets, name).modules() if isinstance(m, nn.GELU)]
     assert len(gelus) == 2 * 2 and all(m.approximate == "tanh" for m in gelus)  # hidden layers only, flax's form
     for m in nets.critic.net:  # the two members are drawn independently
-        if isinstance(m, fql.EnsembleLinear):
+        if isinstance(m, fql.Dense):
             assert not torch.equal(m.weight[0], m.weight[1])
     for p, tp in zip(nets.critic.parameters(), nets.target_critic.parameters(), strict=True):
         assert torch.equal(p, tp)
@@ -405,6 +410,26 @@ def test_seeds_in_a_group_do_not_interact():
     assert not torch.equal(groups[0].params["critic.net.0.weight"][1], groups[1].params["critic.net.0.weight"][1])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gradients_come_in_their_parameters_layout(compiled):
+    """Autograd copies, at every step, a gradient laid out otherwise than its parameter (as nn.Linear's transposed
+    weight gradient under vmap was): every gradient comes in its parameter's layout, for one seed and a group."""
+    cfg = fql.resolve_config(make_config(**COMPILED, compile=compiled))
+    for seeds in ((0,), (0, 1, 2)):
+        agent = fql.make_agent(dataclasses.replace(cfg, seeds=seeds), (7,), 3)
+        trained = {name: p for name, p in agent.params.items() if p.requires_grad}
+        strides = {}
+        for name, p in trained.items():  # a hook sees the gradient before autograd accumulates it
+            p.register_hook(lambda grad, name=name: strides.update({name: grad.stride()}))
+        batches = [random_batch(256, 7, 3, seed=k) for k in seeds]
+        noises = [fixed_noise(256, 3, seed=k) for k in seeds]
+        agent.update(*((stack(batches), stack(noises)) if agent.grouped else (batches[0], noises[0])))
+        assert strides.keys() == trained.keys()
+        for name, p in trained.items():  # strides of dimensions of size 1 do not matter
+            assert [s for s, n in zip(strides[name], p.shape) if n > 1] == \
+                   [s for s, n in zip(p.stride(), p.shape) if n > 1], name
+
+
 # ----------------------------------------------------------------------------------------------
 # Behaviour: a contextual bandit with two action modes of different value
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +447,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     cfg = make_config(alpha=0.3, actor_hidden_dims=(64, 64), value_hidden_dims=(64, 64), lr=1e-3)
     agent = make_agent(2, 1, cfg)
     for _ in range(1000):
-        agent.update(fql.sample_batch(data, 256), fql.draw_noise(256, 1, "cpu"))
+        agent.train_step(fql.make_sampler(data))
 
     test_context = torch.rand(2000, 2) * 2 - 1
     better_sign = torch.sign(test_context[:, :1])
@@ -630,6 +655,11 @@ def test_unreadable_checkpoints_give_one_line_and_change_nothing(cube_data, tmp_
     torch.save(state, run / "checkpoint.pt")
     agent, _ = fql_eval.load_agent(str(run / "checkpoint.pt"), "cpu")  # what eval.py and finetune load with
     assert agent.cfg.seeds == (0,) and agent.act(np.zeros(28, np.float32)).shape == (5,)
+    state["nets"]["actor_onestep.net.0.weight"] = state["nets"]["actor_onestep.net.0.weight"].T.clone()
+    torch.save(state, tmp_path / "older.pt")  # as an fql.py with nn.Linear's (out, in) actor weights wrote it
+    with pytest.raises(SystemExit, match="eval.py: error: the checkpoint's networks do not fit this fql.py's: an "
+                                         "fql.py from before 2026-11-26 stored its actors' weights as"):
+        fql_eval.main(["--checkpoint", str(tmp_path / "older.pt")])
     whole = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # truncated, as by a full disk
     files = {path.name: path.read_bytes() for path in run.iterdir()}
@@ -896,7 +926,7 @@ def test_replay_buffer_appends_samples_online_rows_and_restores():
     torch.testing.assert_close(buffer.data["observations"][[10, 11, 12, 13, 0, 1], 0],
                                torch.tensor([1.0, 2, 3, 4, 5, 6]))
     assert buffer.data["masks"][1] == 0
-    batch = buffer.sample(20_000)
+    batch = {k: v[0] for k, v in buffer.sample(20_000).items()}  # one seed's batch
     assert abs(float(batch["rewards"].mean()) - 6 / 14) < 0.02  # uniform over all 14 rows
     assert torch.equal(batch["next_observations"][:, 0] - batch["observations"][:, 0], batch["rewards"])
 
@@ -918,7 +948,7 @@ def test_replay_buffer_appends_samples_online_rows_and_restores():
     for k in offline:
         assert torch.equal(restored.data[k], online.data[k])
     balanced = fql_eval.sample_balanced(offline, online, 256)
-    assert torch.equal(balanced["rewards"], torch.cat([torch.zeros(128), torch.ones(128)]))
+    assert torch.equal(balanced["rewards"], torch.cat([torch.zeros(128), torch.ones(128)])[None])
 
 
 class TerminatingEnv:
@@ -1003,7 +1033,7 @@ def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, m
     assert [r["exploration/buffer_size"] for r in rows] == ["10", "20", "30"]  # online rows only, beside the data
     online = {tuple(row) for row in state["buffer"]["rows"]["observations"].tolist()}
     for batch in sampled:  # half of every batch from the offline data, half from the online rows
-        from_online = [tuple(row) in online for row in batch["observations"].tolist()]
+        from_online = [tuple(row) in online for row in batch["observations"][0].tolist()]
         assert from_online == [False] * 16 + [True] * 16
 
 
@@ -1228,10 +1258,10 @@ def test_d4rl_training_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 def test_impala_encoder_shapes_and_flax_same_pooling():
     encoder = fql.ImpalaEncoder((64, 64, 9), "impala_small")
-    assert encoder.head.in_features == 32 * 8 * 8  # 64 -> 32 -> 16 -> 8 through three stacks
+    assert encoder.head.weight.shape == (32 * 8 * 8, 512)  # 64 -> 32 -> 16 -> 8 through three stacks
     images = torch.randint(0, 256, (2, 3, 64, 64, 9), dtype=torch.uint8)
     assert encoder(images).shape == (2, 3, 512)
-    assert all(torch.all(m.bias == 0) for m in encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert all(torch.all(m.bias == 0) for m in encoder.modules() if isinstance(m, (nn.Conv2d, fql.Dense)))
     assert sum(isinstance(m, nn.Conv2d) for m in encoder.modules()) == 3 * 3  # conv + one block of two, per stack
 
     stack = fql.ResnetStack(1, 1, blocks=0)  # an identity conv, so the stack is just the max-pool
@@ -1257,7 +1287,7 @@ def compact_pixels(episode_lengths, frame_stack=3, p_aug=0.0):
 def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
     data, cfg = compact_pixels([4, 3])  # frames 0-4 (transitions from 0-3) and 5-8 (from 5-7)
     assert data["valid_rows"].tolist() == [0, 1, 2, 3, 5, 6, 7]
-    batch = fql.make_sampler(data, cfg.frame_stack, cfg.p_aug)(2000)
+    batch = {k: v[0] for k, v in fql.make_sampler(data, cfg.frame_stack, cfg.p_aug)(2000).items()}
     rows = batch["rewards"].long()  # the row each transition starts from
     assert set(rows.tolist()) == {0, 1, 2, 3, 5, 6, 7}  # never the final frame of an episode
     stacks = {r: (batch["observations"][i, 0, 0, ::3].tolist(), batch["next_observations"][i, 0, 0, ::3].tolist())
@@ -1270,16 +1300,38 @@ def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
     assert batch["observations"].dtype == torch.uint8 and batch["observations"].shape == (2000, 8, 8, 9)
 
 
+def test_pixel_batches_of_a_seed_group_are_each_seeds_own():
+    data, cfg = compact_pixels([6, 5], p_aug=0.5)
+    data["observations"] = torch.randint(0, 256, data["observations"].shape, dtype=torch.uint8)  # shifts show
+    sample = fql.make_sampler(data, cfg.frame_stack, cfg.p_aug)
+    group = sample(64, [torch.Generator().manual_seed(seed) for seed in range(6)])
+    assert group["observations"].shape == (6, 64, 8, 8, 9) and group["rewards"].shape == (6, 64)
+    for seed in range(6):  # rows, frame stacks and shifts: those the seed's generator draws alone
+        alone = sample(64, [torch.Generator().manual_seed(seed)])
+        assert all(torch.equal(alone[k][0], group[k][seed]) for k in group)
+    unshifted = fql.make_sampler(data, cfg.frame_stack, 0.0)(64, [torch.Generator().manual_seed(s) for s in range(6)])
+    shifted = [not torch.equal(group["observations"][s], unshifted["observations"][s]) for s in range(6)]
+    assert any(shifted) and not all(shifted)  # p_aug 0.5: some seeds' batches are shifted this update, some not
+
+
 def test_random_shift_keeps_shape_moves_pixels_and_pairs_s_with_next_s():
-    images = torch.randint(0, 256, (64, 16, 16, 6), dtype=torch.uint8)
-    shifted, shifted_next = fql.random_shift(images, images.clone(), p_aug=1.0)
+    images = torch.randint(0, 256, (2, 64, 16, 16, 6), dtype=torch.uint8)  # two seeds' batches
+    shifted, shifted_next = fql.random_shift(images, images.clone(), 1.0, [torch.Generator().manual_seed(s)
+                                                                           for s in (0, 1)])
     assert shifted.shape == images.shape and shifted.dtype == torch.uint8
     assert torch.equal(shifted, shifted_next)  # s and s' of a sample move together
-    assert (shifted != images).flatten(1).any(1).float().mean() > 0.9  # 48 of 49 offsets move the image
-    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="replicate")
-    for i in range(4):  # each sample is an edge-padded crop at one of the 49 offsets, its own
+    assert (shifted != images).flatten(2).any(2).float().mean() > 0.9  # 48 of 49 offsets move the image
+    padded = torch.nn.functional.pad(images.flatten(0, 1).permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="replicate")
+    for i in (0, 1, 2, 64, 65):  # each sample is an edge-padded crop at one of the 49 offsets, its own
         crops = [padded[i, :, dy:dy + 16, dx:dx + 16].permute(1, 2, 0) for dy in range(7) for dx in range(7)]
-        assert any(torch.equal(shifted[i].float(), crop) for crop in crops)
+        assert any(torch.equal(shifted.flatten(0, 1)[i].float(), crop) for crop in crops)
+    for k in (0, 1):  # each seed's shifts are the ones its generator draws alone
+        alone, _ = fql.random_shift(images[k:k + 1], images[k:k + 1], 1.0, [torch.Generator().manual_seed(k)])
+        assert torch.equal(alone[0], shifted[k])
+    same = images[:1].expand(16, -1, -1, -1, -1)  # p_aug decides per seed: whole batches shift, or none of them
+    shifted, _ = fql.random_shift(same, same, 0.5, [torch.Generator().manual_seed(s) for s in range(16)])
+    moved = (shifted != same).flatten(2).any(2).float().mean(1)
+    assert set(moved.tolist()) - {0.0} and 0.0 in moved.tolist() and all(m in (0.0,) or m > 0.9 for m in moved)
     unshifted, _ = fql.random_shift(images, images, p_aug=0.0)
     assert torch.equal(unshifted, images)
 
