@@ -625,7 +625,7 @@ def run_evaluation(args: EvalArgs) -> dict:
 
 def run_finetune(args: FinetuneArgs) -> fql.FQLAgent:
     path = checkpoint_path(args.checkpoint)
-    saved = fql.read_checkpoint(path)
+    saved = load_agent(path, "cpu")[1]  # a checkpoint these networks cannot load is refused before writing
     changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
     changes.update(offline_steps=saved["step"], resume=True,
                    run_dir=args.run_dir or os.path.dirname(os.path.abspath(path)) + "-finetune")

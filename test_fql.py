@@ -176,6 +176,19 @@ def test_dataset_on_device_clips_actions_and_samples_whole_transitions():
     assert not torch.equal(batches["observations"][0], batches["observations"][1])
 
 
+def test_noise_draws_are_independent_and_follow_the_generator():
+    noise = fql.draw_noise(20_000, 2, "cpu", torch.Generator().manual_seed(0))
+    assert {k: tuple(v.shape) for k, v in noise.items()} == dict(x0=(20_000, 2), t=(20_000, 1), z=(20_000, 2),
+                                                                   z_next=(20_000, 2))
+    for key in ("x0", "z", "z_next"):  # standard normal each, and three different draws
+        assert abs(noise[key].mean()) < 0.03 and abs(noise[key].std() - 1) < 0.03
+    assert max(abs(torch.corrcoef(torch.stack([noise[k][:, 0] for k in ("x0", "z", "z_next")]))
+                   - torch.eye(3)).flatten()) < 0.05
+    assert noise["t"].min() >= 0 and noise["t"].max() < 1 and abs(noise["t"].mean() - 0.5) < 0.01
+    again = fql.draw_noise(20_000, 2, "cpu", torch.Generator().manual_seed(0))
+    assert all(torch.equal(noise[k], again[k]) for k in noise)
+
+
 def test_min_and_mean_aggregation_give_different_targets():
     cfg_mean, nets, batch, noise = float64_setup(q_agg="mean")
     loss_mean = fql.fql_losses(nets, batch, noise, cfg_mean, True)[1]["critic/critic_loss"]
@@ -660,6 +673,9 @@ def test_unreadable_checkpoints_give_one_line_and_change_nothing(cube_data, tmp_
     with pytest.raises(SystemExit, match="eval.py: error: the checkpoint's networks do not fit this fql.py's: an "
                                          "fql.py from before 2026-11-26 stored its actors' weights as"):
         fql_eval.main(["--checkpoint", str(tmp_path / "older.pt")])
+    with pytest.raises(SystemExit, match="networks do not fit"):
+        fql_eval.main(["finetune", "--checkpoint", str(tmp_path / "older.pt"), "--online_steps", "5"])
+    assert not os.path.exists(str(tmp_path) + "-finetune")  # nothing written
     whole = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # truncated, as by a full disk
     files = {path.name: path.read_bytes() for path in run.iterdir()}
