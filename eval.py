@@ -5,9 +5,10 @@
   python eval.py finetune --checkpoint runs/<run> --online_steps 1000000 --eval_interval 100000
   python eval.py plot runs/run_a runs/run_b                   # PNG of success and losses
 
-The environments are OGBench's single-task envs and D4RL's AntMaze and Adroit rebuilt without d4rl or
-mujoco-py. Success follows OGBench: `info['success']` at the last step of an episode, averaged over episodes.
-fql.py's training loop gets its evaluation and fine-tuning from here (`train`).
+The environments are OGBench's single-task envs and D4RL's AntMaze and Adroit rebuilt without d4rl
+or mujoco-py. Success follows OGBench: `info['success']` at the last step of an episode, averaged
+over episodes. fql.py's training loop gets its evaluation and fine-tuning from here (`train`), and
+its --benchmark (`benchmark`).
 """
 import csv
 import ctypes.util
@@ -18,13 +19,15 @@ import multiprocessing
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
 
-if ctypes.util.find_library("EGL"):  # headless rendering where EGL is installed; set before MuJoCo loads
+# headless rendering where EGL is installed; set before MuJoCo loads
+if ctypes.util.find_library("EGL"):
     os.environ.setdefault("MUJOCO_GL", "egl")
 import gymnasium  # noqa: E402
 import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
@@ -36,35 +39,37 @@ from tqdm import tqdm  # noqa: E402
 import fql  # noqa: E402
 from fql import UsageError  # noqa: E402
 
-Policy = Callable[[np.ndarray], np.ndarray]  # observation(s) -> action(s) in [-1, 1]
+# A policy maps observations with a leading seed dimension, (seeds, ..., *observation), to actions
+# in [-1, 1], (seeds, ..., action): FQLAgent.act
+Policy = Callable[[np.ndarray], np.ndarray]
 
 
-# ----------------------------------------------------------------------------------------------
-# Environments
-# ----------------------------------------------------------------------------------------------
-def make_env(env_name: str, frame_stack: int | None = None, **kwargs) -> gymnasium.Env:
-    """The OGBench single-task or D4RL environment (no dataset needed); pixel observations stack the
-    `frame_stack` latest frames as the training data does."""
+# ---- Environments --------------------------------------------------------------------------------
+def make_env(env_name, frame_stack=None, **kwargs):
+    """The OGBench single-task or D4RL environment (no dataset needed); pixel observations stack
+    the `frame_stack` latest frames as the training data does."""
     if frame_stack:
         return FrameStack(make_env(env_name, **kwargs), frame_stack)
     if env_name.startswith("antmaze") and env_name in fql.D4RL:
         maze, goal_cell, episode_length = D4RL_MAZES[env_name.split("-")[1]]
-        return gymnasium.wrappers.TimeLimit(d4rl_antmaze_class()(maze, goal_cell, **kwargs), episode_length)
+        env = d4rl_antmaze_class()(maze, goal_cell, **kwargs)
+        return gymnasium.wrappers.TimeLimit(env, episode_length)
     if env_name in fql.D4RL:
         return make_adroit_env(env_name.split("-")[0], **kwargs)
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
 
 
-def make_vector_env(env_name: str, num_envs: int, frame_stack: int | None = None) -> gymnasium.vector.VectorEnv:
+def make_vector_env(env_name, num_envs, frame_stack=None):
     """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
-    hold CUDA and OpenMP threads, which fork would copy in a broken state. The workers fork from one server
-    process that imports torch, MuJoCo and OGBench once, instead of importing them each (seconds apiece)."""
+    hold CUDA and OpenMP threads, which fork would copy in a broken state. The workers fork from
+    one server process that imports torch, MuJoCo and OGBench once, instead of each (seconds
+    apiece)."""
     multiprocessing.set_forkserver_preload(["eval"])
-    return gymnasium.vector.AsyncVectorEnv([functools.partial(make_env, env_name, frame_stack)] * num_envs,
-                                           context="forkserver")
+    make = functools.partial(make_env, env_name, frame_stack)
+    return gymnasium.vector.AsyncVectorEnv([make] * num_envs, context="forkserver")
 
 
-def env_shapes(env_name: str) -> tuple[tuple[int, ...], int]:
+def env_shapes(env_name):
     """(observation shape, action size) of an env; for pixel envs one frame, before stacking."""
     env = make_env(env_name)
     shapes = tuple(env.observation_space.shape), env.action_space.shape[0]
@@ -73,14 +78,16 @@ def env_shapes(env_name: str) -> tuple[tuple[int, ...], int]:
 
 
 class FrameStack(gymnasium.ObservationWrapper):
-    """Observations of the `frames` latest frames along the channels, oldest first; after a reset the
-    first frame stands in for the ones before it (as the official code and the datasets' stacking)."""
+    """Observations of the `frames` latest frames along the channels, oldest first; after a reset
+    the first frame stands in for the ones before it (as the official code and the datasets)."""
 
-    def __init__(self, env: gymnasium.Env, frames: int):
+    def __init__(self, env, frames):
         super().__init__(env)
-        self.frames, self.stack = frames, []
+        self.frames = frames
+        self.stack = []
         shape = env.observation_space.shape
-        self.observation_space = gymnasium.spaces.Box(0, 255, (*shape[:-1], shape[-1] * frames), np.uint8)
+        stacked = (*shape[:-1], shape[-1] * frames)
+        self.observation_space = gymnasium.spaces.Box(0, 255, stacked, np.uint8)
 
     def reset(self, **kwargs):
         observation, info = self.env.reset(**kwargs)
@@ -115,29 +122,35 @@ HARDEST_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
                 [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
                 [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
                 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
-D4RL_MAZES = {"umaze": (U_MAZE, (3, 1), 700), "medium": (BIG_MAZE, (6, 6), 1000),  # map, goal cell, steps
-              "large": (HARDEST_MAZE, (7, 9), 1000)}
+D4RL_MAZES = {  # map, goal cell, episode length
+    "umaze": (U_MAZE, (3, 1), 700),
+    "medium": (BIG_MAZE, (6, 6), 1000),
+    "large": (HARDEST_MAZE, (7, 9), 1000),
+}
 
 
 @functools.cache
-def d4rl_antmaze_class() -> type:
-    """D4RL's AntMaze (v2 evaluation) on OGBench's ant, which has D4RL's ant model and coordinates. The ant
-    starts at cell (1, 1) = (0, 0) with the ant's reset noise; each episode draws the goal as D4RL does
-    (goal cell + U(0, 1) + U(0, 0.5) per axis, floored at 0); reward 1 and the end of the episode within
-    0.5 of the goal, else reward 0. (OGBench defines its maze class inside a factory, hence this function.)"""
+def d4rl_antmaze_class():
+    """D4RL's AntMaze (v2 evaluation) on OGBench's ant, which has D4RL's ant model and coordinates.
+    The ant starts at cell (1, 1) = (0, 0) with the ant's reset noise; each episode draws the goal
+    as D4RL does (goal cell + U(0, 1) + U(0, 0.5) per axis, floored at 0); reward 1 and the end of
+    the episode within 0.5 of the goal, else reward 0. (OGBench defines its maze class inside a
+    factory, hence this function.)"""
     ogbench_antmaze = type(make_maze_env("ant", "maze", maze_type="arena"))
 
     class D4RLAntMaze(ogbench_antmaze):
-        def __init__(self, maze_map: list, goal_cell: tuple, **kwargs):
-            self.d4rl_map, self.goal_cell = maze_map, goal_cell
-            super().__init__(maze_type="arena", terminate_at_goal=True, success_timing="post", **kwargs)
+        def __init__(self, maze_map, goal_cell, **kwargs):
+            self.d4rl_map = maze_map
+            self.goal_cell = goal_cell
+            super().__init__(maze_type="arena", terminate_at_goal=True, success_timing="post",
+                             **kwargs)
 
         def update_tree(self, tree):  # OGBench builds the walls from self.maze_map here
             self.maze_map = np.array(self.d4rl_map)
             super().update_tree(tree)
 
         def reset(self, *, seed=None, options=None):
-            _, info = super(ogbench_antmaze, self).reset(seed=seed)  # the ant's own reset, no OGBench task
+            _, info = super(ogbench_antmaze, self).reset(seed=seed)  # the ant's reset, no task
             goal = np.array(self.ij_to_xy(self.goal_cell)) + self.np_random.uniform(0, 1, 2)
             self.set_goal(goal_xy=np.maximum(goal + self.np_random.uniform(0, 0.5, 2), 0))
             return self.get_ob(), info
@@ -145,55 +158,62 @@ def d4rl_antmaze_class() -> type:
     return D4RLAntMaze
 
 
-def make_adroit_env(task: str, **kwargs) -> gymnasium.Env:
-    """gymnasium-robotics' Adroit hand with D4RL's rewards and episode lengths (pen: 100 steps, and the
-    episode ends when the pen drops, as in D4RL)."""
+def make_adroit_env(task, **kwargs):
+    """gymnasium-robotics' Adroit hand with D4RL's rewards and episode lengths (pen: 100 steps,
+    and the episode ends when the pen drops, as in D4RL)."""
     import gymnasium_robotics
 
     gymnasium.register_envs(gymnasium_robotics)
-    env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1", max_episode_steps=100 if task == "pen" else 200,
-                         **kwargs)
-    # gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door, hammer
-    # and relocate rewards (Gymnasium-Robotics PR 220); for those versions D4RL's reward is recomputed
-    return D4RLAdroit(env, task, recompute_reward=task != "pen" and (1, 2, 1) <= release(
-        version("gymnasium-robotics")) <= (1, 4, 2))
+    steps = 100 if task == "pen" else 200
+    env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1", max_episode_steps=steps, **kwargs)
+    # gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door,
+    # hammer and relocate rewards (Gymnasium-Robotics PR 220); for those, D4RL's is recomputed
+    flipped = (1, 2, 1) <= release(version("gymnasium-robotics")) <= (1, 4, 2)
+    return D4RLAdroit(env, task, recompute_reward=task != "pen" and flipped)
 
 
-def release(version_string: str) -> tuple[int, ...]:
+def release(version_string):
     """(major, minor, patch) of a version such as 1.4.2, 1.5.0rc1 or 1.3.0.post1."""
-    return tuple(int(part) for part in re.match(r"[\d.]*", version_string)[0].split(".") if part)[:3]
+    numbers = re.match(r"[\d.]*", version_string)[0].split(".")
+    return tuple(int(part) for part in numbers if part)[:3]
 
 
 class D4RLAdroit(gymnasium.Wrapper):
-    def __init__(self, env: gymnasium.Env, task: str, recompute_reward: bool):
+    def __init__(self, env, task, recompute_reward):
         super().__init__(env)
-        self.task, self.recompute_reward = task, recompute_reward
+        self.task = task
+        self.recompute_reward = recompute_reward
 
     def step(self, action):
         observation, reward, terminated, truncated, info = self.env.step(action)
+        hand = self.env.unwrapped
         if self.task == "pen":
-            terminated = bool(self.env.unwrapped.data.xpos[self.env.unwrapped.obj_body_id][2] < 0.075)
+            terminated = bool(hand.data.xpos[hand.obj_body_id][2] < 0.075)
         if self.recompute_reward:
-            reward = d4rl_adroit_reward(self.task, self.env.unwrapped)
+            reward = d4rl_adroit_reward(self.task, hand)
         return observation, reward, terminated, truncated, info
 
 
-def d4rl_adroit_reward(task: str, env) -> float:
-    """D4RL's dense reward of the door, hammer and relocate tasks (with its bonuses) at the current state."""
-    data, sites = env.data, env.data.site_xpos
+def d4rl_adroit_reward(task, env):
+    """D4RL's dense reward of the door, hammer and relocate tasks (with its bonuses) at the current
+    state."""
+    data = env.data
+    sites = env.data.site_xpos
     if task == "door":
         door = data.qpos[env.door_hinge_addrs]
         reward = -0.1 * np.linalg.norm(sites[env.grasp_site_id] - sites[env.handle_site_id])
         reward += -0.1 * (door - 1.57) ** 2 - 1e-5 * np.sum(data.qvel ** 2)
         return float(reward + 2 * (door > 0.2) + 8 * (door > 1.0) + 10 * (door > 1.35))
-    obj, palm = data.xpos[env.obj_body_id], sites[env.S_grasp_site_id]
+    obj = data.xpos[env.obj_body_id]
+    palm = sites[env.S_grasp_site_id]
     if task == "hammer":
-        tool, nail, goal = sites[env.tool_site_id], sites[env.target_obj_site_id], sites[env.goal_site_id]
-        nail_to_goal = np.linalg.norm(nail - goal)
+        tool = sites[env.tool_site_id]
+        nail = sites[env.target_obj_site_id]
+        nail_to_goal = np.linalg.norm(nail - sites[env.goal_site_id])
         reward = -0.1 * np.linalg.norm(palm - obj) - np.linalg.norm(tool - nail) - 10 * nail_to_goal
         reward -= 1e-2 * np.linalg.norm(data.qvel)
-        return float(reward + 2 * (obj[2] > 0.04 and tool[2] > 0.04) + 25 * (nail_to_goal < 0.02)
-                     + 75 * (nail_to_goal < 0.01))
+        lifted = obj[2] > 0.04 and tool[2] > 0.04
+        return float(reward + 2 * lifted + 25 * (nail_to_goal < 0.02) + 75 * (nail_to_goal < 0.01))
     target = sites[env.target_obj_site_id]  # relocate
     reward = -0.1 * np.linalg.norm(palm - obj)
     if obj[2] > 0.04:
@@ -203,12 +223,16 @@ def d4rl_adroit_reward(task: str, env) -> float:
 
 
 # D4RL's normalised score: 100 * (return - random) / (expert - random)
-D4RL_REFERENCE_RETURNS = {"antmaze": (0.0, 1.0), "pen": (96.262799, 3076.8331017826877),
-                          "door": (-56.512833, 2880.5693087298737), "hammer": (-274.856578, 12794.134825156867),
-                          "relocate": (-6.425911, 4233.877797728884)}
+D4RL_REFERENCE_RETURNS = {
+    "antmaze": (0.0, 1.0),
+    "pen": (96.262799, 3076.8331017826877),
+    "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867),
+    "relocate": (-6.425911, 4233.877797728884),
+}
 
 
-def with_score(env_name: str, result: dict) -> dict:
+def with_score(env_name, result):
     """Add D4RL's normalised score of the mean return for D4RL environments."""
     if env_name not in fql.D4RL:
         return result
@@ -216,92 +240,72 @@ def with_score(env_name: str, result: dict) -> dict:
     return dict(result, score=100 * (result["return"] - low) / (high - low))
 
 
-# ----------------------------------------------------------------------------------------------
-# Rollouts
-# ----------------------------------------------------------------------------------------------
-def evaluate(policy: Policy, env: gymnasium.Env, episodes: int, seed: int) -> dict:
-    """Run `episodes` episodes one after the other; episode i starts from `env.reset(seed=seed + i)`.
-    Returns the success rate, mean return and mean length."""
-    successes, returns, lengths = [], [], []
-    for episode in range(episodes):
-        observation, info = env.reset(seed=seed + episode)
-        done, episode_return, length = False, 0.0, 0
-        while not done:
-            observation, reward, terminated, truncated, info = env.step(np.clip(policy(observation), -1, 1))
-            done = terminated or truncated
-            episode_return += float(reward)
-            length += 1
-        successes.append(float(info["success"]))
-        returns.append(episode_return)
-        lengths.append(length)
-    return {"success": float(np.mean(successes)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
-
-
-def evaluate_parallel(policy: Policy, vector_env: gymnasium.vector.VectorEnv, episodes: int, seed: int | list,
-                      progress: tqdm | None = None) -> dict | list:
-    """As `evaluate` (same seeds, same results for a deterministic policy), with one batched policy call
-    per step for all environments. Episodes run in rounds of `vector_env.num_envs`; an environment whose
-    episode has ended keeps stepping until the round ends, and its extra steps are ignored.
-    With a list of seeds (a seed group's agents), the environments are split into one equal block per
-    seed, each running `episodes` episodes from its seed; the policy then gets observations with a
-    leading seed dimension, and the result is a list, one per seed."""
-    seeds = [seed] if isinstance(seed, int) else seed
+# ---- Rollouts ------------------------------------------------------------------------------------
+def evaluate(policy, vector_env, episodes, seeds, progress=None):
+    """`episodes` episodes per seed, a result each (success rate, mean return, mean length). The
+    environments are split into one equal block per seed; episode i of seed s starts from
+    reset(seed=s + i), and each step is one batched policy call for every environment. Episodes run
+    in rounds of a block's size; an environment whose episode has ended keeps stepping until the
+    round ends, and its extra steps are ignored."""
     per_seed = vector_env.num_envs // len(seeds)
     finished = [[] for _ in seeds]  # (success, return, length) of each episode, per seed
     # torch's CPU threads busy-wait between calls and would take the cores the environment workers
-    # need (half the speed on 2 cores); one thread is plenty for one batched policy call per step
+    # need (half the speed on 2 cores); one thread is plenty for one batched policy call a step
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for first in range(0, episodes, per_seed):
-            observations, _ = vector_env.reset(seed=[s + first + i for s in seeds for i in range(per_seed)])
-            running = np.tile(np.arange(per_seed) < episodes - first, len(seeds))  # the last round may need fewer
-            episode_return, length = np.zeros(vector_env.num_envs), np.zeros(vector_env.num_envs, dtype=int)
+            reset_seeds = [seed + first + i for seed in seeds for i in range(per_seed)]
+            observations, _ = vector_env.reset(seed=reset_seeds)
+            # the last round may need fewer environments
+            running = np.tile(np.arange(per_seed) < episodes - first, len(seeds))
+            episode_return = np.zeros(vector_env.num_envs)
+            length = np.zeros(vector_env.num_envs, dtype=int)
             while running.any():
-                if not isinstance(seed, int):  # the policy of a seed group maps each seed's block
-                    observations = observations.reshape(len(seeds), per_seed, *observations.shape[1:])
-                actions = np.clip(policy(observations), -1, 1).reshape(vector_env.num_envs, -1)
+                blocks = observations.reshape(len(seeds), per_seed, *observations.shape[1:])
+                actions = np.clip(policy(blocks), -1, 1).reshape(vector_env.num_envs, -1)
                 observations, rewards, terminated, truncated, infos = vector_env.step(actions)
                 episode_return += np.where(running, rewards, 0)
                 length += running
                 for i in np.flatnonzero(running & (terminated | truncated)):
-                    finished[i // per_seed].append((float(infos["success"][i]), episode_return[i], length[i]))
+                    success = float(infos["success"][i])
+                    finished[i // per_seed].append((success, episode_return[i], length[i]))
                     running[i] = False
                     if progress is not None:
                         progress.update(1)
     finally:
         torch.set_num_threads(torch_threads)
-    results = [dict(zip(("success", "return", "length"), np.mean(runs, axis=0).tolist())) for runs in finished]
-    return results[0] if isinstance(seed, int) else results
+    means = [np.mean(episodes_of_seed, axis=0).tolist() for episodes_of_seed in finished]
+    return [dict(zip(("success", "return", "length"), mean)) for mean in means]
 
 
 class Evaluator:
-    """`evaluate(policy, seeds)` for fql.train: evaluate_parallel on one vector env (about one worker per
-    core, at least one per seed), started at the first evaluation and closed when the `with` block ends."""
+    """`evaluate(policy, seeds)` for fql.train, on one vector env (about one worker per core, at
+    least one per seed), started at the first evaluation and closed when the `with` block ends."""
 
-    def __init__(self, cfg: fql.Config):
-        self.cfg, self.vector_env = cfg, None
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.vector_env = None
 
-    def __call__(self, policy: Policy, seeds: list) -> list:
+    def __call__(self, policy, seeds):
         if self.vector_env is None:
             per_seed = max(1, min(self.cfg.eval_episodes, os.cpu_count() // len(seeds)))
-            self.vector_env = make_vector_env(self.cfg.env, per_seed * len(seeds), self.cfg.frame_stack)
-        results = evaluate_parallel(policy, self.vector_env, self.cfg.eval_episodes,
-                                    seeds if len(seeds) > 1 else seeds[0])
-        return [with_score(self.cfg.env, result) for result in (results if len(seeds) > 1 else [results])]
+            num_envs = per_seed * len(seeds)
+            self.vector_env = make_vector_env(self.cfg.env, num_envs, self.cfg.frame_stack)
+        results = evaluate(policy, self.vector_env, self.cfg.eval_episodes, seeds)
+        return [with_score(self.cfg.env, result) for result in results]
 
     def __enter__(self):
         return self
 
     def __exit__(self, error_type, *_):
-        if self.vector_env is not None:
-            self.vector_env.close(terminate=error_type is not None)  # after an error or Ctrl-C, end the workers
+        if self.vector_env is not None:  # after an error or Ctrl-C, the workers are ended
+            self.vector_env.close(terminate=error_type is not None)
 
 
-def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, directory: str, frame_skip: int,
-                  frame_stack: int | None = None) -> list:
-    """Render `episodes` episodes offscreen (every `frame_skip`-th frame) into mp4 files; pixel envs
-    render at their observations' size, which is what the policy sees."""
+def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame_stack=None):
+    """Render `episodes` episodes offscreen (every `frame_skip`-th frame) into mp4 files; pixel
+    envs render at their observations' size, which is what the policy sees."""
     import imageio
 
     size = {} if env_name.startswith("visual-") else dict(width=256, height=256)
@@ -310,17 +314,21 @@ def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, direc
         env.reset(seed=seed)
         env.render()
     except Exception as err:  # MuJoCo raises several types when no OpenGL platform loads
-        print(f"no videos: offscreen rendering failed ({err}). Install EGL (libegl1) and keep MUJOCO_GL=egl, "
-              "or install OSMesa and set MUJOCO_GL=osmesa.", file=sys.stderr)
+        print(f"no videos: offscreen rendering failed ({err}). Install EGL (libegl1) and keep "
+              "MUJOCO_GL=egl, or install OSMesa and set MUJOCO_GL=osmesa.", file=sys.stderr)
         return []
     os.makedirs(directory, exist_ok=True)
     paths = []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
-        frames, done, t = [env.render()], False, 0
+        frames = [env.render()]
+        done = False
+        t = 0
         while not done:
-            observation, _, terminated, truncated, _ = env.step(np.clip(policy(observation), -1, 1))
-            done, t = terminated or truncated, t + 1
+            action = np.clip(policy(observation[None])[0], -1, 1)  # a one-seed policy
+            observation, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+            t += 1
             if t % frame_skip == 0 or done:
                 frames.append(env.render())
         paths.append(os.path.join(directory, f"episode{episode}.mp4"))
@@ -329,45 +337,51 @@ def record_videos(policy: Policy, env_name: str, episodes: int, seed: int, direc
     return paths
 
 
-# ----------------------------------------------------------------------------------------------
-# Online fine-tuning: the replay buffer and the environment side (fql.train runs the updates)
-# ----------------------------------------------------------------------------------------------
+# ---- Online fine-tuning: the replay buffer and the env side (fql.train runs the updates) -------
 class ReplayBuffer:
-    """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with balanced
-    sampling). As in the official code, once full the oldest rows are overwritten, offline ones included.
-    `size` lives on the device, so sampling stays inside a recorded CUDA graph while the buffer grows."""
+    """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with
+    balanced sampling). As in the official code, once full the oldest rows are overwritten, offline
+    ones included. `size` lives on the device, so sampling stays inside a recorded CUDA graph while
+    the buffer grows."""
 
-    def __init__(self, data: dict, capacity: int):
+    def __init__(self, data, capacity):
         n = len(data["actions"])
-        self.capacity, self.count, self.added = max(capacity, n + 1), n, 0
-        self.start = self.pointer = n % self.capacity
+        self.capacity = max(capacity, n + 1)
+        self.count = n
+        self.added = 0
+        self.start = n % self.capacity
+        self.pointer = self.start
         self.data = {k: v.new_zeros((self.capacity, *v.shape[1:])) for k, v in data.items()}
         for k, v in data.items():
             self.data[k][:n] = v
         self.size = torch.tensor(float(n), device=data["actions"].device)
 
-    def add(self, transition: dict):
+    def add(self, transition):
         for k, v in transition.items():
             self.data[k][self.pointer] = torch.as_tensor(v, dtype=torch.float32)
-        self.pointer, self.added = (self.pointer + 1) % self.capacity, self.added + 1
+        self.pointer = (self.pointer + 1) % self.capacity
+        self.added += 1
         self.count = min(self.count + 1, self.capacity)
         self.size.fill_(self.count)
 
-    def sample(self, batch_size: int, generators: list = (None,)) -> dict:  # as fql.sample_batch
-        idx = (torch.stack([torch.rand(batch_size, device=self.size.device, generator=g) for g in generators])
-               * self.size).long()
+    def sample(self, batch_size, generators=(None,)):
+        """As fql.sample_batch: uniform rows, a batch per generator along a leading seed
+        dimension."""
+        draws = [torch.rand(batch_size, device=self.size.device, generator=g) for g in generators]
+        idx = (torch.stack(draws) * self.size).long()
         return {k: v[idx] for k, v in self.data.items()}
 
-    def online_rows(self) -> torch.Tensor:
+    def online_rows(self):
         """Positions of the rows written online that are still there, oldest first."""
         kept = min(self.added, self.capacity)
         return (self.start + self.added - kept + torch.arange(kept)) % self.capacity
 
-    def state_dict(self) -> dict:
+    def state_dict(self):
         rows = self.online_rows()
-        return dict(added=self.added, rows={k: v[rows.to(v.device)].cpu() for k, v in self.data.items()})
+        online = {k: v[rows.to(v.device)].cpu() for k, v in self.data.items()}
+        return dict(added=self.added, rows=online)
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state):
         self.added = state["added"]
         rows = self.online_rows()
         for k, v in state["rows"].items():
@@ -377,7 +391,7 @@ class ReplayBuffer:
         self.size.fill_(self.count)
 
 
-def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int, generators: list = (None,)):
+def sample_balanced(offline, buffer, batch_size, generators=(None,)):
     """Half of each batch from the offline dataset, half from the online transitions."""
     first = fql.sample_batch(offline, batch_size // 2, generators)
     second = buffer.sample(batch_size - batch_size // 2, generators)
@@ -385,105 +399,116 @@ def sample_balanced(offline: dict, buffer: ReplayBuffer, batch_size: int, genera
 
 
 class OnlineCollector:
-    """Steps one environment with the current policy and appends each transition to the replay buffer,
-    with mask = 1 - terminated; a new episode starts when one is terminated or truncated."""
+    """Steps one environment with the current policy and appends each transition to the replay
+    buffer, with mask = 1 - terminated; a new episode starts when one is terminated or truncated."""
 
-    def __init__(self, env: gymnasium.Env, seed: int, reward_shift: float = 0.0):
-        self.env, self.reward_shift, self.last_episode = env, reward_shift, {}
+    def __init__(self, env, seed, reward_shift=0.0):
+        self.env = env
+        self.reward_shift = reward_shift
+        self.last_episode = {}
         self.observation, _ = env.reset(seed=seed)
-        self.episode_return, self.episode_length = 0.0, 0
+        self.episode_return = 0.0
+        self.episode_length = 0
 
-    def step(self, policy: Policy, buffer: ReplayBuffer):
-        action = policy(self.observation)
+    def step(self, policy, buffer):
+        action = policy(self.observation[None])[0]  # a one-seed policy
         next_observation, reward, terminated, truncated, info = self.env.step(action)
-        buffer.add(dict(observations=self.observation, actions=action, rewards=reward + self.reward_shift,
-                        masks=1.0 - terminated, next_observations=next_observation))
+        buffer.add(dict(observations=self.observation, actions=action,
+                        rewards=reward + self.reward_shift, masks=1.0 - terminated,
+                        next_observations=next_observation))
         self.episode_return += float(reward)
         self.episode_length += 1
         self.observation = next_observation
         if terminated or truncated:
             self.last_episode = {"exploration/success": float(info["success"]),
-                                 "exploration/return": self.episode_return, "exploration/length": self.episode_length}
+                                 "exploration/return": self.episode_return,
+                                 "exploration/length": self.episode_length}
             self.observation, _ = self.env.reset()
-            self.episode_return, self.episode_length = 0.0, 0
+            self.episode_return = 0.0
+            self.episode_length = 0
 
 
 class Finetuning:
-    """The environment side of offline-to-online fine-tuning, for fql.train: one environment, a replay
-    buffer that starts with the offline data (or beside it, with --balanced_sampling) and the collector."""
+    """The environment side of offline-to-online fine-tuning, for fql.train: one environment, a
+    replay buffer that starts with the offline data (or beside it, with --balanced_sampling) and
+    the collector."""
 
-    def __init__(self, cfg: fql.Config, train_data: dict):
-        self.cfg, self.env, self.collector = cfg, make_env(cfg.env), None
+    def __init__(self, cfg, train_data):
+        self.cfg = cfg
+        self.env = make_env(cfg.env)
+        self.collector = None
         if cfg.balanced_sampling:
             self.buffer = ReplayBuffer({k: v[:0] for k, v in train_data.items()}, cfg.buffer_size)
             self.sample = functools.partial(sample_balanced, train_data, self.buffer)
-        else:  # the official layout: the offline data, then online transitions appended
+        else:  # the official layout: the offline data, then the online transitions appended
             self.buffer = ReplayBuffer(train_data, cfg.buffer_size)
             self.sample = self.buffer.sample
 
-    def collect(self, policy: Policy):
+    def collect(self, policy):
         if self.collector is None:  # a new episode after a start or a resumption
             # the official code shifts D4RL antmaze rewards online as it does offline
-            reward_shift = -1.0 if self.cfg.env in fql.D4RL and self.cfg.env.startswith("antmaze") else 0.0
-            self.collector = OnlineCollector(self.env, self.cfg.seed + self.buffer.added, reward_shift)
+            antmaze = self.cfg.env in fql.D4RL and self.cfg.env.startswith("antmaze")
+            seed = self.cfg.seed + self.buffer.added
+            self.collector = OnlineCollector(self.env, seed, reward_shift=-1.0 if antmaze else 0.0)
         self.collector.step(policy, self.buffer)
 
-    def log(self) -> dict:
+    def log(self):
         return {**self.collector.last_episode, "exploration/buffer_size": self.buffer.count}
 
-    def state_dict(self) -> dict:
+    def state_dict(self):
         return self.buffer.state_dict()
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state):
         self.buffer.load_state_dict(state)
 
 
-def train(cfg: fql.Config) -> fql.FQLAgent:
+def train(cfg):
     """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
     cfg = fql.resolve_config(cfg)
-    with Evaluator(cfg) as evaluate:  # its worker processes end with the block, whatever ends it
-        return fql.train(cfg, evaluate, Finetuning)
+    with Evaluator(cfg) as evaluator:  # its worker processes end with the block, whatever ends it
+        return fql.train(cfg, evaluator, Finetuning)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-def checkpoint_path(path: str) -> str:
+# ---- Checkpoints ---------------------------------------------------------------------------------
+def checkpoint_path(path):
     """A run folder means its checkpoint.pt."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or the file")
+        raise UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or "
+                         "the file")
     return path
 
 
-def checkpoint_config(state: dict, **changes) -> fql.Config:
-    """The config a checkpoint was trained with (fields of another version of fql.py left out), changed."""
+def checkpoint_config(state, **changes):
+    """The config a checkpoint was trained with (fields of another version of fql.py left out),
+    with `changes`."""
     names = {field.name for field in dataclasses.fields(fql.Config)}
     return fql.Config(**{k: v for k, v in {**state["config"], **changes}.items() if k in names})
 
 
-def load_agent(path: str, device: str) -> tuple[fql.FQLAgent, dict]:
-    """The agent saved in a checkpoint, on `device`, and the checkpoint's other contents."""
+def load_agent(path, device):
+    """The one-seed agent saved in a checkpoint, on `device`, and the checkpoint's contents."""
     state = fql.read_checkpoint(path)
     cfg = fql.resolve_config(checkpoint_config(state, device=device))
-    agent = fql.FQLAgent(fql.FQLNetworks(state["observation_shape"], state["action_dim"], cfg).to(cfg.device), cfg)
-    agent.load_state_dict(state)
+    agent = fql.make_agent(cfg, state["observation_shape"], state["action_dim"])
+    agent.load_state_dicts([state])
     return agent, state
 
 
-# ----------------------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------------------
-PLOTTED = {"eval.csv": ["evaluation/success"],
-           "train.csv": ["critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/q"]}
-NOT_CONFIG = {"seed", "seeds", "run_dir", "resume", "device", "compile", "cuda_graph", "wandb_project", "dataset_dir",
-              "benchmark", "eval_interval", "eval_episodes", "log_interval", "save_interval"}
+# ---- Plots ---------------------------------------------------------------------------------------
+PLOTTED = {
+    "eval.csv": ["evaluation/success"],
+    "train.csv": ["critic/critic_loss", "actor/bc_flow_loss", "actor/distill_loss", "actor/q"],
+}
+NOT_CONFIG = {"seed", "seeds", "run_dir", "resume", "device", "compile", "cuda_graph",
+              "wandb_project", "dataset_dir", "benchmark", "eval_interval", "eval_episodes",
+              "log_interval", "save_interval"}
 
 
-def plot_runs(run_dirs: list, output: str):
-    """One panel per metric against steps; runs that share a config (all but the seed) are one line:
-    their mean, with the range across seeds shaded."""
+def plot_runs(run_dirs, output):
+    """One panel per metric against steps; runs that share a config (all but the seed) are one
+    line: their mean, with the range across seeds shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -519,23 +544,86 @@ def plot_runs(run_dirs: list, output: str):
     for ax, (_, metric) in zip(axes, metrics, strict=True):
         ax.set_title(metric)
         ax.set_xlabel("step")
-    labels = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
-    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    labels = {}
+    for ax in axes:
+        handles, names = ax.get_legend_handles_labels()
+        labels.update(zip(names, handles))
+    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 3),
+               fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(output, dpi=100)
     plt.close(fig)
 
 
-def read_curve(path: str, metric: str) -> dict:
+def read_curve(path, metric):
     if not os.path.isfile(path):
         return {}
     with open(path, newline="") as f:
         return {int(r["step"]): float(r[metric]) for r in csv.DictReader(f) if r.get(metric)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+# ---- Benchmark: the training step in each execution mode, on random data -------------------------
+def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
+    """--benchmark: the median steps/s of `repeats` timings (`seconds` each) of the training step
+    in each mode, one seed and the group, on random data of the env's shapes (`shapes`:
+    (observation shape, action size), default the env's). Returns {(mode, seeds): (steps/s, steps
+    per timing, Adam steps)}."""
+    cfg = fql.resolve_config(cfg)
+    observation_shape, action_dim = shapes or env_shapes(cfg.env)
+    rng = np.random.default_rng(cfg.seed)
+    pixels = len(observation_shape) == 3
+    n = 10_000 if pixels else 100_000
+    if pixels:  # compact frames, as the pixel datasets
+        observations = rng.integers(0, 256, (n, *observation_shape), dtype=np.uint8)
+        layout = dict(valids=np.arange(n) < n - 1)
+    else:
+        observations = rng.normal(size=(n, *observation_shape))
+        layout = dict(next_observations=observations[::-1])
+    dataset = dict(observations=observations, actions=rng.uniform(-1, 1, (n, action_dim)),
+                   rewards=-rng.integers(0, 2, n), masks=np.ones(n), **layout)
+    data = fql.to_device(dataset, cfg.device, cfg.frame_stack)
+    observation_shape = fql.stacked_shape(data)
+    on_cuda = torch.device(cfg.device).type == "cuda"
+    torch.set_float32_matmul_precision("high" if on_cuda else "highest")  # as in training
+    device_name = f"CPU, {torch.get_num_threads()} threads"
+    if on_cuda:
+        device_name = torch.cuda.get_device_name(cfg.device)
+    print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch "
+          f"{cfg.batch_size}, critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, "
+          f"encoder {cfg.encoder}; {device_name}, torch {torch.__version__}")
+    modes = {"eager": dict(compile=False, cuda_graph=False),
+             "compile": dict(compile=True, cuda_graph=False)}
+    if on_cuda:
+        modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
+
+    def timed(step, steps):  # seconds for `steps` training steps, the device waited for
+        start = time.perf_counter()
+        for i in range(steps):
+            metrics = step(i == steps - 1)
+        metrics["critic/critic_loss"].cpu()
+        return time.perf_counter() - start
+
+    results = {}
+    for name, flags in modes.items():
+        for seeds in dict.fromkeys([cfg.seeds[:1], cfg.seeds]):  # one seed, then the group
+            agent = fql.make_agent(dataclasses.replace(cfg, seeds=seeds, **flags),
+                                   observation_shape, action_dim)
+            sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug)
+            step = fql.make_train_step(agent, sample)
+            warmup = timed(step, 4)  # compilation and graph recording happen here
+            updates = max(10, round(seconds * 6 / timed(step, 6)))
+            rate = float(np.median([updates / timed(step, updates) for _ in range(repeats)]))
+            adam_steps = int(next(iter(agent.optimizer.state.values()))["step"])
+            results[name, len(seeds)] = rate, updates, adam_steps
+            speed = "updates/s"
+            if len(seeds) > 1:
+                speed = (f"steps/s of {len(seeds)} seeds = {rate * len(seeds):.1f} "
+                         f"seed-updates/s, {rate * len(seeds) / results[name, 1][0]:.2f}x one seed")
+            print(f"{name:<22} {rate:9.1f} {speed}   (warm-up {warmup:5.1f} s)", flush=True)
+    return results
+
+
+# ---- Command line --------------------------------------------------------------------------------
 @dataclass
 class EvalArgs:
     checkpoint: str
@@ -547,7 +635,8 @@ class EvalArgs:
     seed: int = 0
     """episode i starts from env.reset(seed=seed + i)"""
     env: str | None = None
-    """evaluate on another env with the same observation and action shapes (default: the checkpoint's)"""
+    """evaluate on another env with the same observation and action shapes (default: the
+    checkpoint's)"""
     video_episodes: int = 0
     """also render this many episodes to mp4 files in <run>/videos"""
     frame_skip: int = 2
@@ -590,7 +679,7 @@ class PlotArgs:
     """PNG file to write"""
 
 
-def run_evaluation(args: EvalArgs) -> dict:
+def run_evaluation(args):
     if args.episodes <= 0 or args.video_episodes < 0 or args.frame_skip <= 0:
         raise UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
     path = checkpoint_path(args.checkpoint)
@@ -599,48 +688,51 @@ def run_evaluation(args: EvalArgs) -> dict:
     probe = make_env(env_name, agent.cfg.frame_stack)
     shapes = (tuple(probe.observation_space.shape), probe.action_space.shape[0])
     probe.close()
-    if shapes != (tuple(state["observation_shape"]), state["action_dim"]):
-        raise UsageError(f"{path} was trained on {agent.cfg.env} (observation {tuple(state['observation_shape'])}"
-                             f", action {state['action_dim']}); {env_name} has observation {shapes[0]}, action "
-                             f"{shapes[1]}")
-    vector_env = make_vector_env(env_name, min(args.episodes, args.num_envs or os.cpu_count()),
-                                      agent.cfg.frame_stack)
+    trained = (tuple(state["observation_shape"]), state["action_dim"])
+    if shapes != trained:
+        raise UsageError(f"{path} was trained on {agent.cfg.env} (observation {trained[0]}, action "
+                         f"{trained[1]}); {env_name} has observation {shapes[0]}, action "
+                         f"{shapes[1]}")
+    num_envs = min(args.episodes, args.num_envs or os.cpu_count())
+    vector_env = make_vector_env(env_name, num_envs, agent.cfg.frame_stack)
     try:
         with tqdm(total=args.episodes, unit="episode") as progress:
-            result = with_score(env_name, evaluate_parallel(agent.act, vector_env, args.episodes, args.seed, progress))
+            (result,) = evaluate(agent.act, vector_env, args.episodes, [args.seed], progress)
     finally:  # after an error or Ctrl-C, the workers are ended, not waited for
         vector_env.close(terminate=sys.exc_info()[0] is not None)
-    result = dict(result, env=env_name, episodes=args.episodes, seed=args.seed, step=state["step"], checkpoint=path)
+    result = dict(with_score(env_name, result), env=env_name, episodes=args.episodes,
+                  seed=args.seed, step=state["step"], checkpoint=path)
     run_dir = os.path.dirname(path)
     if args.video_episodes:
+        videos = os.path.join(run_dir, "videos", f"step{state['step']}")
         result["videos"] = record_videos(agent.act, env_name, args.video_episodes, args.seed,
-                                         os.path.join(run_dir, "videos", f"step{state['step']}"), args.frame_skip,
-                                         agent.cfg.frame_stack)
+                                         videos, args.frame_skip, agent.cfg.frame_stack)
     with open(os.path.join(run_dir, f"eval_step{state['step']}_seed{args.seed}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{env_name} at step {state['step']}: success {result['success']:.3f}, "
-          f"return {result['return']:.1f}, length {result['length']:.1f} over {args.episodes} episodes")
+    print(f"{env_name} at step {state['step']}: success {result['success']:.3f}, return "
+          f"{result['return']:.1f}, length {result['length']:.1f} over {args.episodes} episodes")
     return result
 
 
-def run_finetune(args: FinetuneArgs) -> fql.FQLAgent:
+def run_finetune(args):
     path = checkpoint_path(args.checkpoint)
-    saved = load_agent(path, "cpu")[1]  # a checkpoint these networks cannot load is refused before writing
+    saved = load_agent(path, "cpu")[1]  # a checkpoint these networks cannot load is refused first
     changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
-    changes.update(offline_steps=saved["step"], resume=True,
-                   run_dir=args.run_dir or os.path.dirname(os.path.abspath(path)) + "-finetune")
+    default_dir = os.path.dirname(os.path.abspath(path)) + "-finetune"
+    changes.update(offline_steps=saved["step"], resume=True, run_dir=args.run_dir or default_dir)
     cfg = fql.resolve_config(checkpoint_config(saved, **changes))
     start = os.path.join(cfg.run_dir, "checkpoint.pt")
     if os.path.exists(start) and not args.resume:
-        raise UsageError(f"{cfg.run_dir} already holds a run; add --resume to continue it, or pass another --run_dir")
-    if not os.path.exists(start):  # a new fine-tuning run continues the offline agent in its own folder
+        raise UsageError(f"{cfg.run_dir} already holds a run; add --resume to continue it, or pass "
+                         "another --run_dir")
+    if not os.path.exists(start):  # a new fine-tuning run continues the offline agent, elsewhere
         os.makedirs(cfg.run_dir, exist_ok=True)
         torch.save(dict(saved, config=dataclasses.asdict(cfg), buffer=None), start + ".tmp")
         os.replace(start + ".tmp", start)
     return train(cfg)
 
 
-def main(argv: list[str] | None = None):
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in ("finetune", "plot") else "evaluate"
     rest = argv[1:] if command != "evaluate" else argv
@@ -650,14 +742,16 @@ def main(argv: list[str] | None = None):
             plot_runs(args.runs, args.output)
             print(f"wrote {args.output}")
         elif command == "finetune":
-            return run_finetune(tyro.cli(FinetuneArgs, args=rest, use_underscores=True, prog="eval.py finetune"))
+            args = tyro.cli(FinetuneArgs, args=rest, use_underscores=True, prog="eval.py finetune")
+            return run_finetune(args)
         else:
-            return run_evaluation(tyro.cli(EvalArgs, args=rest, use_underscores=True, description=__doc__))
+            args = tyro.cli(EvalArgs, args=rest, use_underscores=True, description=__doc__)
+            return run_evaluation(args)
     except UsageError as err:
         sys.exit(f"eval.py: error: {err}")
     except KeyboardInterrupt:
-        sys.exit("eval.py: interrupted" + ("; the same command with --resume continues the fine-tuning run"
-                                           if command == "finetune" else ""))
+        hint = "; the same command with --resume continues the fine-tuning run"
+        sys.exit("eval.py: interrupted" + (hint if command == "finetune" else ""))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Run: python -m pytest -q test_fql.py
 import copy
 import csv
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -35,7 +36,13 @@ def make_config(**overrides) -> fql.Config:
 
 
 def make_agent(obs_dim: int, action_dim: int, cfg: fql.Config) -> fql.FQLAgent:
-    return fql.FQLAgent(fql.FQLNetworks((obs_dim,), action_dim, cfg), cfg)
+    """A one-seed agent whose networks come from the global torch RNG."""
+    return fql.FQLAgent([fql.FQLNetworks((obs_dim,), action_dim, cfg)], cfg, [torch.Generator()])
+
+
+def one(inputs: dict) -> dict:
+    """A one-seed agent's batch or noise: the leading seed dimension of size 1."""
+    return {k: v[None] for k, v in inputs.items()}
 
 
 def random_batch(n: int, obs_dim: int, action_dim: int, dtype=torch.float32, seed: int = 123) -> dict:
@@ -59,7 +66,8 @@ def fixed_noise(n: int, action_dim: int, dtype=torch.float32, seed: int = 456) -
 
 
 # ----------------------------------------------------------------------------------------------
-# A direct computation of DESIGN.md's formulas, written independently of fql.py's modules
+# A direct computation of the paper's and the official code's formulas (README's "Where the paper's
+# pieces are"), written independently of fql.py's modules
 # ----------------------------------------------------------------------------------------------
 def manual_mlp(layers: list, x: torch.Tensor, norms: list | None = None) -> torch.Tensor:
     """layers: [(weight (in, out), bias)]; norms: [(scale, shift)] after each hidden layer, or None."""
@@ -77,7 +85,7 @@ def actor_layers(mlp: fql.MLP) -> list:
     return [(m.weight, m.bias) for m in mlp.net if isinstance(m, fql.Dense)]
 
 
-def critic_member_layers(critic: fql.Critic, member: int):
+def critic_member_layers(critic: fql.MLP, member: int):
     layers = [(m.weight[member], m.bias[member, 0]) for m in critic.net if isinstance(m, fql.Dense)]
     norms = [(m.weight[member, 0], m.bias[member, 0]) for m in critic.net if isinstance(m, fql.EnsembleLayerNorm)]
     return layers, norms
@@ -87,7 +95,7 @@ def manual_actor(mlp: fql.MLP, *inputs):
     return manual_mlp(actor_layers(mlp), torch.cat(inputs, -1))
 
 
-def manual_q(critic: fql.Critic, obs, actions):
+def manual_q(critic: fql.MLP, obs, actions):
     """Each member on its own, one after the other."""
     qs = []
     for member in range(2):
@@ -97,7 +105,7 @@ def manual_q(critic: fql.Critic, obs, actions):
 
 
 def manual_losses(nets: fql.FQLNetworks, b: dict, n: dict, cfg: fql.Config) -> dict:
-    """Each loss term of DESIGN.md, with gradients only where DESIGN.md allows them."""
+    """Each loss term of FQL, with gradients only where the official code lets them flow."""
     obs, a = b["observations"], b["actions"]
     with torch.no_grad():
         next_a = manual_actor(nets.actor_onestep, b["next_observations"], n["z_next"])
@@ -177,16 +185,18 @@ def test_dataset_on_device_clips_actions_and_samples_whole_transitions():
 
 
 def test_noise_draws_are_independent_and_follow_the_generator():
-    noise = fql.draw_noise(20_000, 2, "cpu", torch.Generator().manual_seed(0))
-    assert {k: tuple(v.shape) for k, v in noise.items()} == dict(x0=(20_000, 2), t=(20_000, 1), z=(20_000, 2),
-                                                                   z_next=(20_000, 2))
+    noises = fql.draw_noise(20_000, 2, "cpu", [torch.Generator().manual_seed(s) for s in (0, 1)])
+    assert {k: tuple(v.shape) for k, v in noises.items()} == dict(x0=(2, 20_000, 2), t=(2, 20_000, 1),
+                                                                    z=(2, 20_000, 2), z_next=(2, 20_000, 2))
+    noise = {k: v[0] for k, v in noises.items()}  # seed 0's draws
     for key in ("x0", "z", "z_next"):  # standard normal each, and three different draws
         assert abs(noise[key].mean()) < 0.03 and abs(noise[key].std() - 1) < 0.03
     assert max(abs(torch.corrcoef(torch.stack([noise[k][:, 0] for k in ("x0", "z", "z_next")]))
                    - torch.eye(3)).flatten()) < 0.05
     assert noise["t"].min() >= 0 and noise["t"].max() < 1 and abs(noise["t"].mean() - 0.5) < 0.01
-    again = fql.draw_noise(20_000, 2, "cpu", torch.Generator().manual_seed(0))
-    assert all(torch.equal(noise[k], again[k]) for k in noise)
+    again = fql.draw_noise(20_000, 2, "cpu", [torch.Generator().manual_seed(0)])  # seed 0 alone: the same
+    assert all(torch.equal(noise[k], again[k][0]) for k in noise)
+    assert not torch.equal(noises["z"][0], noises["z"][1])  # each seed its own
 
 
 def test_min_and_mean_aggregation_give_different_targets():
@@ -223,8 +233,8 @@ def test_gradients_flow_only_where_they_must(normalize_q_loss):
     assert all(not p.requires_grad for p in nets.target_critic.parameters())
     # the agent's loss (fql_losses mapped by torch.vmap over its stacked parameters) sends the same gradients
     expected = {name: grads(own, getattr(nets, name)) for name, own in own_terms.items()}
-    agent = fql.FQLAgent(nets, cfg)
-    loss, _ = agent.losses_eager(batch, noise)
+    agent = fql.FQLAgent([nets], cfg, [torch.Generator()])
+    loss, _ = agent.losses_eager(one(batch), one(noise))
     for name, want in expected.items():
         stacked = [agent.params[f"{name}.{p}"] for p, _ in getattr(nets, name).named_parameters()]
         for got, w in zip(torch.autograd.grad(loss, stacked, retain_graph=True), want, strict=True):
@@ -284,7 +294,7 @@ def test_every_parameter_is_optimised_and_target_moves_by_tau():
         assert p.data_ptr() == agent.params[name].data_ptr() and p.shape == agent.params[name].shape[1:]
 
     before = {name: p.detach().clone() for name, p in nets.named_parameters()}
-    agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
+    agent.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)))
     for name, p in nets.named_parameters():
         if p.requires_grad:
             assert not torch.equal(p, before[name]), f"{name} did not change"
@@ -293,7 +303,7 @@ def test_every_parameter_is_optimised_and_target_moves_by_tau():
     for name, p in nets.target_critic.named_parameters():
         assert torch.equal(p, before[f"target_critic.{name}"])
     before = {name: p.detach().clone() for name, p in nets.named_parameters()}
-    agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
+    agent.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)))
     for name, p in nets.target_critic.named_parameters():
         expected = 0.75 * before[f"target_critic.{name}"] + 0.25 * before[f"critic.{name}"]
         assert not torch.equal(p, before[f"target_critic.{name}"])
@@ -302,9 +312,9 @@ def test_every_parameter_is_optimised_and_target_moves_by_tau():
 
 class LoopCritic(nn.Module):
     """The straightforward critic: two separate MLPs evaluated one after the other, holding the same
-    weights as a batched fql.Critic."""
+    weights as fql's batched critic (an MLP of two members)."""
 
-    def __init__(self, batched: fql.Critic):
+    def __init__(self, batched: fql.MLP):
         super().__init__()
         self.members = nn.ModuleList()
         for member in range(2):
@@ -341,7 +351,7 @@ def equivalent_agents(variant: str) -> tuple:
         nets = copy.deepcopy(batched.nets)
         nets.critic = LoopCritic(batched.nets.critic)
         nets.target_critic = LoopCritic(batched.nets.target_critic).requires_grad_(False)
-        return batched, [fql.FQLAgent(nets, batched.cfg)], dict(rtol=1e-5, atol=1e-6)
+        return batched, [fql.FQLAgent([nets], batched.cfg, [torch.Generator()])], dict(rtol=1e-5, atol=1e-6)
     if variant == "compiled":
         eager = make_agent(7, 3, make_config(**COMPILED))
         compiled = make_agent(7, 3, make_config(**COMPILED, compile=True))
@@ -350,10 +360,10 @@ def equivalent_agents(variant: str) -> tuple:
     # a seed group against the agents its seeds give alone (eager): equal at the start, random streams included
     cfg = fql.resolve_config(make_config(**COMPILED, seeds=(0, 1, 2), compile=variant == "compiled seed group"))
     group = fql.make_agent(cfg, (7,), 3)
-    singles = [fql.make_agent(fql.seed_config(cfg, seed), (7,), 3) for seed in cfg.seeds]
+    singles = [fql.make_agent(run, (7,), 3) for run in fql.seed_runs(cfg)]  # as --seed N alone
     for single in singles:
         single.losses = single.losses_eager
-    assert group.grouped and not any(single.grouped for single in singles)
+    assert len(group.seed_nets) == 3 and all(len(single.seed_nets) == 1 for single in singles)
     for k, single in enumerate(singles):
         assert torch.equal(group.generators[k].get_state(), single.generators[0].get_state())
         for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[k].state_dict().values()):
@@ -364,7 +374,7 @@ def equivalent_agents(variant: str) -> tuple:
 
 def comparable_parameters(nets: nn.Module) -> list:
     """A networks' parameters in one order, a batched critic's laid out as two separate MLPs'."""
-    critics = [LoopCritic(c) if isinstance(c, fql.Critic) else c for c in (nets.critic, nets.target_critic)]
+    critics = [LoopCritic(c) if isinstance(c, fql.MLP) else c for c in (nets.critic, nets.target_critic)]
     return [p for module in (*critics, nets.actor_bc_flow, nets.actor_onestep) for p in module.parameters()]
 
 
@@ -377,13 +387,11 @@ def test_equivalent_computations_train_alike(variant):
         batches = [random_batch(256, 7, 3, seed=100 * step + k) for k in range(len(references))]
         noises = [fixed_noise(256, 3, seed=100 * step + k) for k in range(len(references))]
         with_metrics = step % 5 == 0
-        inputs = (stack(batches), stack(noises)) if tested.grouped else (batches[0], noises[0])
-        got = tested.update(*inputs, with_metrics=with_metrics)
+        got = tested.update(stack(batches), stack(noises), with_metrics=with_metrics)
         for k, reference in enumerate(references):
-            want = reference.update(batches[k], noises[k], with_metrics=with_metrics)
+            want = reference.update(one(batches[k]), one(noises[k]), with_metrics=with_metrics)
             for key in want:
-                value = got[key][k] if tested.grouped else got[key]
-                torch.testing.assert_close(value, want[key], **tolerance, msg=f"step {step} seed {k} {key}")
+                torch.testing.assert_close(got[key][k], want[key][0], **tolerance, msg=f"step {step} seed {k} {key}")
     for k, reference in enumerate(references):
         for p, q in zip(comparable_parameters(tested.seed_nets[k]), comparable_parameters(reference.nets), strict=True):
             torch.testing.assert_close(p, q, **tolerance)
@@ -396,7 +404,7 @@ def test_equivalent_computations_train_alike(variant):
 def test_compiled_policy_acts_as_the_eager_one():
     """act() through torch.compile, for one agent and for a group (one call maps every seed's observations)."""
     cfg = fql.resolve_config(make_config(compile=True, seeds=(0, 1)))
-    for seeds, shape in (((0,), (4, 7)), ((0, 1), (2, 4, 7))):
+    for seeds, shape in (((0,), (1, 4, 7)), ((0, 1), (2, 4, 7))):
         agent = fql.make_agent(dataclasses.replace(cfg, seeds=seeds), (7,), 3)
         observations = np.random.default_rng(0).normal(size=shape).astype(np.float32)
         torch.manual_seed(1)
@@ -436,7 +444,7 @@ def test_gradients_come_in_their_parameters_layout(compiled):
             p.register_hook(lambda grad, name=name: strides.update({name: grad.stride()}))
         batches = [random_batch(256, 7, 3, seed=k) for k in seeds]
         noises = [fixed_noise(256, 3, seed=k) for k in seeds]
-        agent.update(*((stack(batches), stack(noises)) if agent.grouped else (batches[0], noises[0])))
+        agent.update(stack(batches), stack(noises))
         assert strides.keys() == trained.keys()
         for name, p in trained.items():  # strides of dimensions of size 1 do not matter
             assert [s for s, n in zip(strides[name], p.shape) if n > 1] == \
@@ -460,7 +468,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     cfg = make_config(alpha=0.3, actor_hidden_dims=(64, 64), value_hidden_dims=(64, 64), lr=1e-3)
     agent = make_agent(2, 1, cfg)
     for _ in range(1000):
-        agent.train_step(fql.make_sampler(data))
+        agent.train_step(functools.partial(fql.sample_batch, data))
 
     test_context = torch.rand(2000, 2) * 2 - 1
     better_sign = torch.sign(test_context[:, :1])
@@ -470,7 +478,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     assert near_plus > 0.3 and near_minus > 0.3, (near_plus, near_minus)  # both modes, about half each
     assert (torch.sign(flow) == better_sign).float().mean() < 0.6  # the BC flow ignores rewards
 
-    policy = torch.as_tensor(agent.act(test_context.numpy()))
+    policy = torch.as_tensor(agent.act(test_context.numpy()[None])[0])
     picks_better = (torch.sign(policy) == better_sign).float().mean()
     assert picks_better > 0.8, picks_better
 
@@ -541,21 +549,21 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
     torch.manual_seed(0)
     cfg = make_config(run_dir=str(tmp_path))
     agent = make_agent(7, 3, cfg)
-    agent.update(random_batch(64, 7, 3), fixed_noise(64, 3))
+    agent.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)))
     path = str(tmp_path / "checkpoint.pt")
     fql.save_checkpoints(agent, 1, [cfg])
     state = torch.load(path, weights_only=False)  # as if saved on a GPU: Adam's flags there were capturable
     state["optimizer"]["param_groups"][0]["capturable"] = True
     torch.save(state, path)
-    expected_act = agent.act(np.ones((4, 7), np.float32))
-    expected_update = agent.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
+    expected_act = agent.act(np.ones((1, 4, 7), np.float32))
+    expected_update = agent.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)), with_metrics=True)
 
     torch.manual_seed(99)
     restored = make_agent(7, 3, cfg)
-    assert fql.load_checkpoint(path, restored, cfg)["step"] == 1
+    assert fql.load_checkpoints(restored, [cfg])["step"] == 1
     assert restored.optimizer.param_groups[0]["capturable"] is False  # the flags follow this agent's device
-    np.testing.assert_array_equal(restored.act(np.ones((4, 7), np.float32)), expected_act)  # same RNG draw
-    got_update = restored.update(random_batch(64, 7, 3), fixed_noise(64, 3), with_metrics=True)
+    np.testing.assert_array_equal(restored.act(np.ones((1, 4, 7), np.float32)), expected_act)  # same RNG draw
+    got_update = restored.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)), with_metrics=True)
     for key, value in expected_update.items():  # same Adam moments, so the same next step
         torch.testing.assert_close(got_update[key], value, rtol=0, atol=0)
 
@@ -667,7 +675,7 @@ def test_unreadable_checkpoints_give_one_line_and_change_nothing(cube_data, tmp_
     del state["config"]["seeds"]
     torch.save(state, run / "checkpoint.pt")
     agent, _ = fql_eval.load_agent(str(run / "checkpoint.pt"), "cpu")  # what eval.py and finetune load with
-    assert agent.cfg.seeds == (0,) and agent.act(np.zeros(28, np.float32)).shape == (5,)
+    assert agent.cfg.seeds == (0,) and agent.act(np.zeros((1, 28), np.float32)).shape == (1, 5)
     state["nets"]["actor_onestep.net.0.weight"] = state["nets"]["actor_onestep.net.0.weight"].T.clone()
     torch.save(state, tmp_path / "older.pt")  # as an fql.py with nn.Linear's (out, in) actor weights wrote it
     with pytest.raises(SystemExit, match="eval.py: error: the checkpoint's networks do not fit this fql.py's: an "
@@ -757,7 +765,7 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
 
 def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys, monkeypatch):
     # the shapes and config of the compiled equivalence tests, whose compilations it reuses
-    results = fql.benchmark(make_config(**COMPILED, seeds=(0, 1, 2)), (7,), 3, seconds=0.05)
+    results = fql_eval.benchmark(make_config(**COMPILED, seeds=(0, 1, 2)), ((7,), 3), seconds=0.05)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("FQL training step, observation (7,), action 3, batch 256")
     assert list(results) == [("eager", 1), ("eager", 3), ("compile", 1), ("compile", 3)]
@@ -766,19 +774,19 @@ def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys, monkeypatch)
     assert [line.split()[0] for line in lines[1:]] == ["eager", "eager", "compile", "compile"]
     assert "steps/s of 3 seeds" in lines[2] and "seed-updates/s" in lines[2] and "x one seed" in lines[2]
     called = []
-    monkeypatch.setattr(fql, "benchmark", lambda cfg, *shapes: called.append((cfg.seeds, *shapes)))
+    monkeypatch.setattr(fql_eval, "benchmark", lambda cfg: called.append((cfg.seeds, fql_eval.env_shapes(cfg.env))))
     fql.main(["--benchmark", "--seeds", "0", "1", "--device", "cpu"])
-    assert called == [((0, 1), (28,), 5)]  # the env's shapes, from eval.py
+    assert called == [((0, 1), ((28,), 5))]  # eval.py's benchmark, for the env's shapes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_equals_eager_update():
     torch.manual_seed(0)
     cfg = make_config(device="cuda", compile=True)
-    graphed = fql.FQLAgent(fql.FQLNetworks((7,), 3, cfg).cuda(), cfg)
-    eager = fql.FQLAgent(copy.deepcopy(graphed.nets), make_config(device="cuda"))
-    static_batch = {k: v.cuda() for k, v in random_batch(64, 7, 3).items()}
-    static_noise = {k: v.cuda() for k, v in fixed_noise(64, 3).items()}
+    graphed = fql.FQLAgent([fql.FQLNetworks((7,), 3, cfg).cuda()], cfg, [torch.Generator("cuda")])
+    eager = fql.FQLAgent([copy.deepcopy(graphed.nets)], make_config(device="cuda"), [torch.Generator("cuda")])
+    static_batch = {k: v.cuda() for k, v in one(random_batch(64, 7, 3)).items()}
+    static_noise = {k: v.cuda() for k, v in one(fixed_noise(64, 3)).items()}
     replay = fql.CUDAGraphStep(lambda: graphed.update(static_batch, static_noise, with_metrics=True), [])
     for step in range(4):  # the first call runs eagerly and records; the others replay the recording
         for k in static_noise:
@@ -799,10 +807,10 @@ def test_cuda_graph_of_a_seed_group_draws_fresh_batches_and_equals_eager():
     graphed = fql.make_agent(cfg, (7,), 3)
     eager = fql.make_agent(dataclasses.replace(cfg, compile=False), (7,), 3)  # same seeds: same start
     data = fql.to_device({k: v.numpy() for k, v in random_batch(1000, 7, 3).items()}, "cuda")
-    step = fql.make_train_step(graphed, fql.make_sampler(data))
+    step = fql.make_train_step(graphed, functools.partial(fql.sample_batch, data))
     losses = []
     for _ in range(4):  # the first call runs eagerly and records; the others replay the recording
-        want = eager.train_step(fql.make_sampler(data), with_metrics=True)
+        want = eager.train_step(functools.partial(fql.sample_batch, data), with_metrics=True)
         got = step(True)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -830,10 +838,12 @@ def test_a_cpu_checkpoint_resumes_on_cuda_with_a_cuda_graph(cube_data, tmp_path)
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-class ScriptedEnv:
+class ScriptedEnv(gymnasium.Env):
     """Episodes of 3 steps; reward 1 per step; success only if the last action was positive."""
+    observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,))
+    action_space = gymnasium.spaces.Box(-1, 1, (1,))
 
-    def reset(self, seed=None):
+    def reset(self, seed=None, options=None):
         self.t = 0
         return np.zeros(2, np.float32), {}
 
@@ -843,11 +853,17 @@ class ScriptedEnv:
         return np.full(2, self.t, np.float32), 1.0, False, done, {"success": float(done and action[0] > 0)}
 
 
+def one_at_a_time(make_env) -> gymnasium.vector.VectorEnv:
+    """A vector env of one environment: evaluate() then runs its episodes one after the other."""
+    return gymnasium.vector.SyncVectorEnv([make_env])
+
+
 def test_evaluate_counts_success_at_the_last_step():
-    result = fql_eval.evaluate(lambda obs: np.array([1.0 if obs[0] < 2 else -1.0]), ScriptedEnv(), 4, seed=0)
+    (result,) = fql_eval.evaluate(lambda obs: np.where(obs[..., :1] < 2, 1.0, -1.0), one_at_a_time(ScriptedEnv), 4,
+                                  seeds=[0])
     assert result == {"success": 0.0, "return": 3.0, "length": 3.0}
-    result = fql_eval.evaluate(lambda obs: np.array([5.0]), ScriptedEnv(), 4, seed=0)  # clipped, still positive
-    assert result["success"] == 1.0
+    (result,) = fql_eval.evaluate(lambda obs: np.full((1, 1, 1), 5.0), one_at_a_time(ScriptedEnv), 4, seeds=[0])
+    assert result["success"] == 1.0  # clipped, still positive
 
 
 POINTMAZE = "pointmaze-medium-navigate-singletask-task1-v0"
@@ -861,7 +877,7 @@ def pointmaze_oracle():
     goal = np.array(helper.cur_goal_xy)
 
     def policy(observations):
-        xy = np.atleast_2d(observations)
+        xy = observations.reshape(-1, 2)
         direction = np.array([helper.get_oracle_subgoal(p, goal)[0] - p for p in xy])
         direction /= np.linalg.norm(direction, axis=-1, keepdims=True) + 1e-6
         return direction.reshape(np.shape(observations))
@@ -872,9 +888,9 @@ def pointmaze_oracle():
 def test_scripted_policy_succeeds_and_random_policy_fails():
     vector_env = fql_eval.make_vector_env(POINTMAZE, 2)
     try:
-        oracle = fql_eval.evaluate_parallel(pointmaze_oracle(), vector_env, 3, seed=0)
+        (oracle,) = fql_eval.evaluate(pointmaze_oracle(), vector_env, 3, [0])
         rng = np.random.default_rng(0)
-        random = fql_eval.evaluate_parallel(lambda obs: rng.uniform(-1, 1, obs.shape), vector_env, 3, seed=0)
+        (random,) = fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, obs.shape), vector_env, 3, [0])
     finally:
         vector_env.close()
     assert oracle["success"] == 1 and oracle["length"] < 400  # reaches the goal well within 1000 steps
@@ -899,8 +915,9 @@ def cube_vector_env():
 
 def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds(cube_vector_env):
     sequential_seen, parallel_seen = [], []
-    sequential = fql_eval.evaluate(recording(sequential_seen), fql_eval.make_env(CUBE), 3, seed=5)
-    parallel = fql_eval.evaluate_parallel(recording(parallel_seen), cube_vector_env, 3, seed=5)
+    sequential = fql_eval.evaluate(recording(sequential_seen), one_at_a_time(lambda: fql_eval.make_env(CUBE)), 3,
+                                   [5])
+    parallel = fql_eval.evaluate(recording(parallel_seen), cube_vector_env, 3, [5])
     assert parallel == pytest.approx(sequential)
     by_episode = np.array(sequential_seen).reshape(3, 200, -1)
     rounds = np.array(parallel_seen).reshape(2, 200, 2, -1)  # 2 rounds of 2 environments, 200 steps each
@@ -911,17 +928,18 @@ def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds(cube_vector_
 
 def test_a_seed_group_evaluates_each_seed_in_its_own_environments(cube_vector_env):
     seen = []
-    results = fql_eval.evaluate_parallel(recording(seen), cube_vector_env, 2, seed=[5, 105])
+    results = fql_eval.evaluate(recording(seen), cube_vector_env, 2, [5, 105])
     rounds = np.array(seen).reshape(2, 200, 2, 28)  # round, step, seed (one environment each): one call maps all
     for k, seed in enumerate((5, 105)):
         sequential_seen = []
-        assert results[k] == pytest.approx(fql_eval.evaluate(recording(sequential_seen), fql_eval.make_env(CUBE), 2,
-                                                             seed=seed))
+        (alone,) = fql_eval.evaluate(recording(sequential_seen), one_at_a_time(lambda: fql_eval.make_env(CUBE)), 2,
+                                     [seed])
+        assert results[k] == pytest.approx(alone)
         np.testing.assert_allclose(rounds[:, :, k], np.array(sequential_seen).reshape(2, 200, -1))
 
 
 def test_videos_are_written(tmp_path):
-    paths = fql_eval.record_videos(lambda obs: np.zeros(5), CUBE, 1, seed=0, directory=str(tmp_path), frame_skip=20)
+    paths = fql_eval.record_videos(lambda obs: np.zeros((1, 5)), CUBE, 1, seed=0, directory=str(tmp_path), frame_skip=20)
     if not paths:
         pytest.skip("no offscreen OpenGL renderer on this machine (record_videos said why)")
     import imageio.v3 as iio
@@ -987,11 +1005,11 @@ def test_online_collector_masks_terminations_and_restarts_episodes():
                                    actions=torch.zeros(0, 1), rewards=torch.zeros(0), masks=torch.zeros(0)), 10)
     collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=0, reward_shift=-1.0)
     for _ in range(2):  # a terminated episode of 2 steps
-        collector.step(lambda obs: np.ones(1), buffer)
+        collector.step(lambda obs: np.ones((1, 1)), buffer)
     assert collector.last_episode == {"exploration/success": 1.0, "exploration/return": 2.0,
                                       "exploration/length": 2}
     for _ in range(3):  # a truncated episode of 3 steps: the time limit is no termination
-        collector.step(lambda obs: -np.ones(1), buffer)
+        collector.step(lambda obs: -np.ones((1, 1)), buffer)
     assert collector.last_episode["exploration/length"] == 3 and collector.last_episode["exploration/success"] == 0
     rows = {k: v[:buffer.count] for k, v in buffer.data.items()}
     np.testing.assert_array_equal(rows["masks"], [1, 0, 1, 1, 1])
@@ -1150,7 +1168,7 @@ def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         fql.main(["--env", "d4rl-door-cloned", "--run_dir", str(tmp_path / "run")])
@@ -1237,8 +1255,9 @@ def test_random_policy_scores_near_d4rl_random_reference(name, tolerance):
     and well under a point for the other tasks; the antmaze goal is never reached at random."""
     env = fql_eval.make_env(name)
     rng = np.random.default_rng(0)
-    result = fql_eval.with_score(name, fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, env.action_space.shape),
-                                                         env, 10 if name != "antmaze-umaze-v2" else 2, seed=0))
+    (result,) = fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, (1, 1, *env.action_space.shape)),
+                                  one_at_a_time(lambda: env), 10 if name != "antmaze-umaze-v2" else 2, [0])
+    result = fql_eval.with_score(name, result)
     assert abs(result["score"]) <= tolerance, result
 
 
@@ -1280,11 +1299,13 @@ def test_impala_encoder_shapes_and_flax_same_pooling():
     assert all(torch.all(m.bias == 0) for m in encoder.modules() if isinstance(m, (nn.Conv2d, fql.Dense)))
     assert sum(isinstance(m, nn.Conv2d) for m in encoder.modules()) == 3 * 3  # conv + one block of two, per stack
 
-    stack = fql.ResnetStack(1, 1, blocks=0)  # an identity conv, so the stack is just the max-pool
+    stack = fql.ResnetStack(1, 1)  # an identity conv and a block that adds 0: the stack is just the max-pool
     with torch.no_grad():
         stack.conv.weight.zero_()
         stack.conv.weight[0, 0, 1, 1] = 1
         stack.conv.bias.zero_()
+        stack.blocks[0][3].weight.zero_()
+        stack.blocks[0][3].bias.zero_()
     pooled = stack(torch.arange(16.0).reshape(1, 1, 4, 4))
     # windows of 3 with stride 2 over rows/cols [0, 1, 2] and [2, 3, pad]: flax pads after, not before
     assert pooled.flatten().tolist() == [10, 11, 14, 15]
@@ -1297,13 +1318,13 @@ def compact_pixels(episode_lengths, frame_stack=3, p_aug=0.0):
     dataset = dict(observations=np.broadcast_to(np.arange(frames, dtype=np.uint8)[:, None, None, None],
                                                 (frames, 8, 8, 3)).copy(),
                    valids=valids, actions=np.zeros((frames, 2)), rewards=np.arange(frames), masks=np.ones(frames))
-    return fql.to_device(dataset, "cpu"), make_config(frame_stack=frame_stack, p_aug=p_aug, encoder="impala_debug")
+    return fql.to_device(dataset, "cpu", frame_stack), make_config(frame_stack=frame_stack, p_aug=p_aug, encoder="impala_debug")
 
 
 def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
     data, cfg = compact_pixels([4, 3])  # frames 0-4 (transitions from 0-3) and 5-8 (from 5-7)
-    assert data["valid_rows"].tolist() == [0, 1, 2, 3, 5, 6, 7]
-    batch = {k: v[0] for k, v in fql.make_sampler(data, cfg.frame_stack, cfg.p_aug)(2000).items()}
+    assert data["frame_rows"][:, -2].tolist() == [0, 1, 2, 3, 5, 6, 7]  # the rows that start a transition
+    batch = {k: v[0] for k, v in functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug)(2000).items()}
     rows = batch["rewards"].long()  # the row each transition starts from
     assert set(rows.tolist()) == {0, 1, 2, 3, 5, 6, 7}  # never the final frame of an episode
     stacks = {r: (batch["observations"][i, 0, 0, ::3].tolist(), batch["next_observations"][i, 0, 0, ::3].tolist())
@@ -1318,14 +1339,14 @@ def test_frame_stacks_repeat_the_first_frame_at_episode_starts():
 
 def test_pixel_batches_of_a_seed_group_are_each_seeds_own():
     data, cfg = compact_pixels([6, 5], p_aug=0.5)
-    data["observations"] = torch.randint(0, 256, data["observations"].shape, dtype=torch.uint8)  # shifts show
-    sample = fql.make_sampler(data, cfg.frame_stack, cfg.p_aug)
+    data["frames"] = torch.randint(0, 256, data["frames"].shape, dtype=torch.uint8)  # shifts show
+    sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug)
     group = sample(64, [torch.Generator().manual_seed(seed) for seed in range(6)])
     assert group["observations"].shape == (6, 64, 8, 8, 9) and group["rewards"].shape == (6, 64)
     for seed in range(6):  # rows, frame stacks and shifts: those the seed's generator draws alone
         alone = sample(64, [torch.Generator().manual_seed(seed)])
         assert all(torch.equal(alone[k][0], group[k][seed]) for k in group)
-    unshifted = fql.make_sampler(data, cfg.frame_stack, 0.0)(64, [torch.Generator().manual_seed(s) for s in range(6)])
+    unshifted = functools.partial(fql.sample_batch, data)(64, [torch.Generator().manual_seed(s) for s in range(6)])
     shifted = [not torch.equal(group["observations"][s], unshifted["observations"][s]) for s in range(6)]
     assert any(shifted) and not all(shifted)  # p_aug 0.5: some seeds' batches are shifted this update, some not
 
@@ -1418,8 +1439,8 @@ def test_visual_training_run(visual_data, tmp_path):
     assert len({id(p) for e in encoders for p in e.parameters()}) == sum(len(list(e.parameters())) for e in encoders)
     restored, state = fql_eval.load_agent(str(tmp_path / "checkpoint.pt"), "cpu")
     assert tuple(state["observation_shape"]) == (64, 64, 9)
-    action = restored.act(np.zeros((64, 64, 9), np.uint8))
-    assert action.shape == (5,) and np.all(np.abs(action) <= 1)
+    action = restored.act(np.zeros((1, 64, 64, 9), np.uint8))
+    assert action.shape == (1, 5) and np.all(np.abs(action) <= 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1522,9 +1543,9 @@ sys.meta_path.insert(0, Block())
 import torch, fql
 cfg = fql.resolve_config(fql.Config(device="cpu", compile=True, alpha=3.0, flow_steps=2, actor_hidden_dims=(32, 32),
                                     value_hidden_dims=(32, 32)))  # as the compiled tests: compiled once, cached
-agent = fql.FQLAgent(fql.FQLNetworks((7,), 3, cfg), cfg)
-batch = dict(actions=torch.rand(256, 3) * 2 - 1, rewards=torch.zeros(256), masks=torch.ones(256),
-             observations=torch.randn(256, 7), next_observations=torch.randn(256, 7))
+agent = fql.make_agent(cfg, (7,), 3)
+batch = dict(actions=torch.rand(1, 256, 3) * 2 - 1, rewards=torch.zeros(1, 256), masks=torch.ones(1, 256),
+             observations=torch.randn(1, 256, 7), next_observations=torch.randn(1, 256, 7))
 metrics = agent.update(batch, fql.draw_noise(256, 3, "cpu"), with_metrics=True)
 assert all(torch.isfinite(v) for v in metrics.values()) and len(metrics) == 10
 print("loaded:", sorted(BLOCKED & {m.split(".")[0] for m in sys.modules}))
