@@ -4,22 +4,26 @@
   python eval.py --checkpoint runs/<run> --video_episodes 2   # also mp4 files of rollouts
   python eval.py finetune --checkpoint runs/<run> --online_steps 1000000 --eval_interval 100000
   python eval.py plot runs/run_a runs/run_b                   # PNG of success and losses
+  python eval.py table runs/*                                 # final success per group of seeds
 
 The environments are OGBench's single-task envs and D4RL's AntMaze and Adroit rebuilt without d4rl
 or mujoco-py. Success follows OGBench: `info['success']` at the last step of an episode, averaged
 over episodes. fql.py's training loop gets its evaluation and fine-tuning from here (`train`), and
 its --benchmark (`benchmark`).
 """
+import contextlib
 import csv
 import ctypes.util
 import dataclasses
 import functools
+import io
 import json
 import multiprocessing
 import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -42,6 +46,11 @@ from fql import UsageError  # noqa: E402
 # A policy maps observations with a leading seed dimension, (seeds, ..., *observation), to actions
 # in [-1, 1], (seeds, ..., action): FQLAgent.act
 Policy = Callable[[np.ndarray], np.ndarray]
+
+
+# OGBench's environments build spaces with float64 bounds, at creation and at each reset, and
+# gymnasium warns that it casts them to float32: nothing a user can act on, so only that is silenced
+warnings.filterwarnings("ignore", ".*precision lowered by casting", UserWarning)
 
 
 # ---- Environments --------------------------------------------------------------------------------
@@ -99,29 +108,36 @@ class FrameStack(gymnasium.ObservationWrapper):
         return np.concatenate(self.stack, axis=-1)
 
 
-# D4RL's AntMaze evaluation mazes (its *_TEST maps): 1 wall, 0 free; the ant starts in cell (1, 1)
-U_MAZE = [[1, 1, 1, 1, 1],
-          [1, 0, 0, 0, 1],
-          [1, 1, 1, 0, 1],
-          [1, 0, 0, 0, 1],
-          [1, 1, 1, 1, 1]]
-BIG_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1],
-            [1, 0, 0, 1, 1, 0, 0, 1],
-            [1, 0, 0, 1, 0, 0, 0, 1],
-            [1, 1, 0, 0, 0, 1, 1, 1],
-            [1, 0, 0, 1, 0, 0, 0, 1],
-            [1, 0, 1, 0, 0, 1, 0, 1],
-            [1, 0, 0, 0, 1, 0, 0, 1],
-            [1, 1, 1, 1, 1, 1, 1, 1]]
-HARDEST_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-                [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
-                [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
-                [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
-                [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
-                [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
-                [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
-                [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
-                [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+# D4RL's AntMaze evaluation mazes (its *_TEST maps), row i of the map first: # wall, . free; the ant
+# starts in cell (1, 1)
+U_MAZE = """
+#####
+#...#
+###.#
+#...#
+#####
+"""
+BIG_MAZE = """
+########
+#..##..#
+#..#...#
+##...###
+#..#...#
+#.#..#.#
+#...#..#
+########
+"""
+HARDEST_MAZE = """
+############
+#....#.....#
+#.##.#.#.#.#
+#......#...#
+#.####.###.#
+#..#.#.....#
+##.#.#.#.###
+#..#...#...#
+############
+"""
 D4RL_MAZES = {  # map, goal cell, episode length
     "umaze": (U_MAZE, (3, 1), 700),
     "medium": (BIG_MAZE, (6, 6), 1000),
@@ -146,7 +162,8 @@ def d4rl_antmaze_class():
                              **kwargs)
 
         def update_tree(self, tree):  # OGBench builds the walls from self.maze_map here
-            self.maze_map = np.array(self.d4rl_map)
+            rows = self.d4rl_map.split()
+            self.maze_map = np.array([[cell == "#" for cell in row] for row in rows], dtype=int)
             super().update_tree(tree)
 
         def reset(self, *, seed=None, options=None):
@@ -161,7 +178,9 @@ def d4rl_antmaze_class():
 def make_adroit_env(task, **kwargs):
     """gymnasium-robotics' Adroit hand with D4RL's rewards and episode lengths (pen: 100 steps,
     and the episode ends when the pen drops, as in D4RL)."""
-    import gymnasium_robotics
+    # its import prints a notice of the reward change that D4RLAdroit undoes below
+    with contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics
 
     gymnasium.register_envs(gymnasium_robotics)
     steps = 100 if task == "pen" else 200
@@ -506,16 +525,11 @@ NOT_CONFIG = {"seed", "seeds", "run_dir", "resume", "device", "compile", "cuda_g
               "log_interval", "save_interval"}
 
 
-def plot_runs(run_dirs, output):
-    """One panel per metric against steps; runs that share a config (all but the seed) are one
-    line: their mean, with the range across seeds shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def run_groups(run_dirs):
+    """[(settings, config, runs)]: the run folders grouped by config, all but the seed; `settings`
+    names what differs between the groups, the env aside."""
     if not run_dirs:
-        raise UsageError("give one or more run folders to plot")
+        raise UsageError("give one or more run folders")
     groups = {}
     for run in run_dirs:
         config_file = os.path.join(run, "config.json")
@@ -524,14 +538,25 @@ def plot_runs(run_dirs, output):
         with open(config_file) as f:
             config = {k: v for k, v in json.load(f).items() if k not in NOT_CONFIG}
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
-    varying = {k for key in groups for k, v in json.loads(key).items()
-               if any(json.loads(other).get(k) != v for other in groups)}
+    configs = [json.loads(key) for key in groups]
+    varying = sorted({k for c in configs for k, v in c.items() if k != "env"
+                      and any(other.get(k) != v for other in configs)})
+    settings = [", ".join(f"{k}={c[k]}" for k in varying) for c in configs]
+    return list(zip(settings, configs, groups.values()))
+
+
+def plot_runs(run_dirs, output):
+    """One panel per metric against steps; runs that share a config (all but the seed) are one
+    line: their mean, with the range across seeds shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     metrics = [(file, key) for file, keys in PLOTTED.items() for key in keys]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
-    for color, (key, runs) in enumerate(groups.items()):
-        config = json.loads(key)
-        label = ", ".join(f"{k}={config[k]}" for k in sorted(varying)) or config["env"]
-        label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+    for color, (settings, config, runs) in enumerate(run_groups(run_dirs)):
+        label = f"{settings or config['env']} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         for ax, (file, metric) in zip(axes, metrics, strict=True):
             curves = [read_curve(os.path.join(run, file), metric) for run in runs]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -553,6 +578,57 @@ def plot_runs(run_dirs, output):
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(output, dpi=100)
     plt.close(fig)
+
+
+# The paper's FQL results (README's tables): OGBench success in %, the mean over the env's five
+# tasks (8 seeds; cube-single's task2 alone: 97); pixel envs on task1 (4 seeds); D4RL's normalised
+# scores (8 seeds)
+PAPER = {
+    "antmaze-large-navigate": 79, "antmaze-giant-navigate": 9, "humanoidmaze-medium-navigate": 58,
+    "humanoidmaze-large-navigate": 4, "antsoccer-arena-navigate": 60, "cube-single-play": 96,
+    "cube-single-play-singletask-task2-v0": 97, "cube-double-play": 29, "scene-play": 56,
+    "puzzle-3x3-play": 30, "puzzle-4x4-play": 17, "visual-cube-single-play": 81,
+    "visual-cube-double-play": 21, "visual-scene-play": 98, "visual-puzzle-3x3-play": 94,
+    "visual-puzzle-4x4-play": 33, "antmaze-umaze-v2": 96, "antmaze-umaze-diverse-v2": 89,
+    "antmaze-medium-play-v2": 78, "antmaze-medium-diverse-v2": 71, "antmaze-large-play-v2": 84,
+    "antmaze-large-diverse-v2": 83, "pen-human-v1": 53, "pen-cloned-v1": 74, "pen-expert-v1": 142,
+    "door-human-v1": 0, "door-cloned-v1": 2, "door-expert-v1": 104, "hammer-human-v1": 1,
+    "hammer-cloned-v1": 11, "hammer-expert-v1": 125, "relocate-human-v1": 0,
+    "relocate-cloned-v1": 0, "relocate-expert-v1": 107,
+}
+
+
+def table_runs(run_dirs, output=None):
+    """The final evaluation of each group of runs whose configs differ only in the seed: mean and
+    standard deviation over its seeds of the success in % (D4RL: the normalised score), next to
+    the paper's number; printed as a Markdown table, and written to `output` as CSV."""
+    rows = []
+    for settings, config, runs in run_groups(run_dirs):
+        env = config["env"]
+        metric = "evaluation/score" if env in fql.D4RL else "evaluation/success"
+        steps = []
+        values = []
+        for run in runs:  # its last evaluation
+            curve = read_curve(os.path.join(run, "eval.csv"), metric)
+            if not curve:
+                raise UsageError(f"{run} has no evaluation in its eval.csv yet")
+            steps.append(max(curve))
+            values.append(curve[max(curve)] * (1 if env in fql.D4RL else 100))
+        values = np.array(values)
+        paper = PAPER.get(env, PAPER.get(re.sub("-singletask.*", "", env), ""))
+        # step: the fewest steps any of the group's runs has made
+        rows.append(dict(env=env, settings=settings, seeds=len(runs), step=min(steps),
+                         mean=f"{values.mean():.1f}", std=f"{values.std():.1f}", paper=paper))
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|---" * len(rows[0]) + "|")
+    for row in rows:
+        print("| " + " | ".join(map(str, row.values())) + " |")
+    if output:
+        with open(output, "w", newline="") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
 
 
 def read_curve(path, metric):
@@ -679,6 +755,14 @@ class PlotArgs:
     """PNG file to write"""
 
 
+@dataclass
+class TableArgs:
+    runs: tyro.conf.Positional[list[str]]
+    """run folders made by fql.py"""
+    output: str | None = None
+    """also write the table to this CSV file"""
+
+
 def run_evaluation(args):
     if args.episodes <= 0 or args.video_episodes < 0 or args.frame_skip <= 0:
         raise UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
@@ -734,13 +818,16 @@ def run_finetune(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("finetune", "plot") else "evaluate"
+    command = argv[0] if argv and argv[0] in ("finetune", "plot", "table") else "evaluate"
     rest = argv[1:] if command != "evaluate" else argv
     try:
         if command == "plot":
             args = tyro.cli(PlotArgs, args=rest, use_underscores=True, prog="eval.py plot")
             plot_runs(args.runs, args.output)
             print(f"wrote {args.output}")
+        elif command == "table":
+            args = tyro.cli(TableArgs, args=rest, use_underscores=True, prog="eval.py table")
+            return table_runs(args.runs, args.output)
         elif command == "finetune":
             args = tyro.cli(FinetuneArgs, args=rest, use_underscores=True, prog="eval.py finetune")
             return run_finetune(args)

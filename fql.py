@@ -42,6 +42,10 @@ import tyro
 from torch import nn
 from tqdm import tqdm
 
+# `python fql.py` runs this file as the module __main__; eval.py's `import fql` must get this same
+# module, not a second copy of it (whose UsageError `main` would not catch)
+sys.modules.setdefault("fql", sys.modules[__name__])
+
 
 class UsageError(ValueError):
     """Bad input, or a run that cannot go on: reported as one line, without a traceback."""

@@ -1,6 +1,7 @@
 """Tests for fql.py and eval.py. CPU only, no network: every dataset is built here.
 
-Run: python -m pytest -q test_fql.py
+Run: python -m pytest -q test_fql.py                  (everything, as CI does)
+     python -m pytest -q -m "not slow" test_fql.py     (the unit and formula tests, under a minute)
 """
 import copy
 import csv
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
 
 import gymnasium
 import numpy as np
@@ -22,6 +24,11 @@ from torch import nn
 
 import eval as fql_eval
 import fql
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with warnings.catch_warnings():  # pytest knows marks from its ini files, which this project has none of
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    slow = pytest.mark.slow  # compiles, steps environments or runs the scripts: not in the quick tier
 
 SMALL = ("--actor_hidden_dims", "32", "32", "--value_hidden_dims", "32", "32")
 COMPILED = dict(flow_steps=2)  # the tests that compile share this config and their shapes: each compilation takes
@@ -378,7 +385,8 @@ def comparable_parameters(nets: nn.Module) -> list:
     return [p for module in (*critics, nets.actor_bc_flow, nets.actor_onestep) for p in module.parameters()]
 
 
-@pytest.mark.parametrize("variant", ["per-member critic", "compiled", "seed group", "compiled seed group"])
+@pytest.mark.parametrize("variant", ["per-member critic", pytest.param("compiled", marks=slow), "seed group",
+                                     pytest.param("compiled seed group", marks=slow)])
 def test_equivalent_computations_train_alike(variant):
     """The same 20 updates computed in different ways agree in every metric and parameter: the batched
     critic and two separate MLPs, compiled and eager, a group of 3 seeds and 3 agents built alone."""
@@ -401,6 +409,7 @@ def test_equivalent_computations_train_alike(variant):
         assert last["step"] == reference_last["step"] == 20
 
 
+@slow
 def test_compiled_policy_acts_as_the_eager_one():
     """act() through torch.compile, for one agent and for a group (one call maps every seed's observations)."""
     cfg = fql.resolve_config(make_config(compile=True, seeds=(0, 1)))
@@ -431,7 +440,7 @@ def test_seeds_in_a_group_do_not_interact():
     assert not torch.equal(groups[0].params["critic.net.0.weight"][1], groups[1].params["critic.net.0.weight"][1])
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=slow)], ids=["eager", "compiled"])
 def test_gradients_come_in_their_parameters_layout(compiled):
     """Autograd copies, at every step, a gradient laid out otherwise than its parameter (as nn.Linear's transposed
     weight gradient under vmap was): every gradient comes in its parameter's layout, for one seed and a group."""
@@ -451,6 +460,7 @@ def test_gradients_come_in_their_parameters_layout(compiled):
                    [s for s, n in zip(p.stride(), p.shape) if n > 1], name
 
 
+@slow
 # ----------------------------------------------------------------------------------------------
 # Behaviour: a contextual bandit with two action modes of different value
 # ----------------------------------------------------------------------------------------------
@@ -522,6 +532,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@slow
 def test_real_run_trains_logs_evaluates_and_checkpoints(cube_data, tmp_path):
     run_dir = tmp_path / "run"
     agent = run_cli(cube_data, run_dir, "--offline_steps", "100", "--log_interval", "50", "--save_interval", "60",
@@ -604,6 +615,7 @@ def untimed_rows(path) -> list:
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in read_csv(path)]
 
 
+@slow
 def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_run(cube_data, tmp_path, monkeypatch):
     """The cluster pattern: the same command, always with --resume, after each kill (the first before any
     checkpoint). Parameters, train.csv and eval.csv end as an uninterrupted run's; the evaluation workers
@@ -716,6 +728,7 @@ def test_unreadable_dataset_files_are_named(cube_data, tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@slow
 def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tmp_path, monkeypatch):
     """--seeds 0 1 writes a complete ordinary run folder per seed: seed 1 equals --seed 1 alone, a killed
     group resumes exactly, and eval.py evaluates and plots the folders."""
@@ -763,6 +776,7 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
     assert output.stat().st_size > 10_000
 
 
+@slow
 def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys, monkeypatch):
     # the shapes and config of the compiled equivalence tests, whose compilations it reuses
     results = fql_eval.benchmark(make_config(**COMPILED, seeds=(0, 1, 2)), ((7,), 3), seconds=0.05)
@@ -885,6 +899,7 @@ def pointmaze_oracle():
     return policy
 
 
+@slow
 def test_scripted_policy_succeeds_and_random_policy_fails():
     vector_env = fql_eval.make_vector_env(POINTMAZE, 2)
     try:
@@ -913,6 +928,7 @@ def cube_vector_env():
     vector_env.close()
 
 
+@slow
 def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds(cube_vector_env):
     sequential_seen, parallel_seen = [], []
     sequential = fql_eval.evaluate(recording(sequential_seen), one_at_a_time(lambda: fql_eval.make_env(CUBE)), 3,
@@ -926,6 +942,7 @@ def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds(cube_vector_
     assert not np.allclose(by_episode[0], by_episode[1])  # different seeds, different episodes
 
 
+@slow
 def test_a_seed_group_evaluates_each_seed_in_its_own_environments(cube_vector_env):
     seen = []
     results = fql_eval.evaluate(recording(seen), cube_vector_env, 2, [5, 105])
@@ -938,6 +955,7 @@ def test_a_seed_group_evaluates_each_seed_in_its_own_environments(cube_vector_en
         np.testing.assert_allclose(rounds[:, :, k], np.array(sequential_seen).reshape(2, 200, -1))
 
 
+@slow
 def test_videos_are_written(tmp_path):
     paths = fql_eval.record_videos(lambda obs: np.zeros((1, 5)), CUBE, 1, seed=0, directory=str(tmp_path), frame_skip=20)
     if not paths:
@@ -1018,6 +1036,7 @@ def test_online_collector_masks_terminations_and_restarts_episodes():
     np.testing.assert_array_equal(rows["next_observations"][:, 0], [1, 2, 1, 2, 3])
 
 
+@slow
 def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_path, monkeypatch):
     flags = ("--offline_steps", "50", "--online_steps", "260", "--log_interval", "50", "--save_interval", "50",
              "--batch_size", "32")
@@ -1045,6 +1064,7 @@ def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_pat
         assert torch.equal(state["nets"][name], p)
 
 
+@slow
 def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, monkeypatch):
     run_cli(cube_data, tmp_path / "offline", "--offline_steps", "40", "--batch_size", "32")
     argv = ["finetune", "--checkpoint", str(tmp_path / "offline"), "--online_steps", "30", "--eval_interval", "0",
@@ -1073,7 +1093,7 @@ def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, m
 
 def write_fake_run(directory, seed, alpha, success):
     os.makedirs(directory)
-    config = dataclasses.asdict(make_config(seed=seed, alpha=alpha))
+    config = dataclasses.asdict(fql.resolve_config(make_config(seed=seed, alpha=alpha, run_dir=str(directory))))
     with open(os.path.join(directory, "config.json"), "w") as f:
         fql.json.dump(config, f)
     train, evaluation = fql.CSVLog(os.path.join(directory, "train.csv"), 0), fql.CSVLog(
@@ -1101,6 +1121,27 @@ def test_plot_writes_a_png(tmp_path):
         fql_eval.main(["plot", "--output", str(output)])
 
 
+def test_table_gives_each_group_of_seeds_final_success_next_to_the_paper(tmp_path, capsys):
+    runs = [tmp_path / "a0", tmp_path / "a1", tmp_path / "b0"]
+    write_fake_run(runs[0], 0, 3.0, 0.5)  # success 0.5 at the last of its evaluations, step 300
+    write_fake_run(runs[1], 1, 3.0, 0.7)
+    write_fake_run(runs[2], 0, 10.0, 0.2)
+    rows = fql_eval.main(["table", *map(str, runs), "--output", str(tmp_path / "table.csv")])
+    expected = [dict(env="cube-single-play-singletask-task2-v0", settings="alpha=3.0",
+                     seeds=2, step=300, mean="60.0", std="10.0", paper=97),
+                dict(env="cube-single-play-singletask-task2-v0", settings="alpha=10.0", seeds=1, step=300,
+                     mean="20.0", std="0.0", paper=97)]
+    assert rows == expected  # the seeds' mean and (population) standard deviation, in %
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| env | settings | seeds | step | mean | std | paper |" and lines[1] == "|---" * 7 + "|"
+    assert lines[2] == "| cube-single-play-singletask-task2-v0 | alpha=3.0 | 2 | 300 | 60.0 | 10.0 | 97 |"
+    assert read_csv(tmp_path / "table.csv") == [{k: str(v) for k, v in row.items()} for row in expected]
+    os.remove(runs[2] / "eval.csv")
+    with pytest.raises(SystemExit, match=f"{runs[2]} has no evaluation in its eval.csv yet"):
+        fql_eval.main(["table", *map(str, runs)])
+
+
+@slow
 def test_eval_command_reports_and_rejects_bad_checkpoints(tmp_path):
     cfg = fql.resolve_config(make_config(run_dir=str(tmp_path)))
     agent = make_agent(28, 5, cfg)
@@ -1175,9 +1216,35 @@ def test_d4rl_names_presets_and_errors(tmp_path, monkeypatch):
     assert "door-cloned-v1.hdf5" in str(exit_info.value.code) and str(tmp_path) in str(exit_info.value.code)
 
 
+# D4RL's *_TEST maze maps (d4rl/locomotion/maze_env.py): 1 wall, 0 free
+U_MAZE = [[1, 1, 1, 1, 1],
+          [1, 0, 0, 0, 1],
+          [1, 1, 1, 0, 1],
+          [1, 0, 0, 0, 1],
+          [1, 1, 1, 1, 1]]
+BIG_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 0, 0, 1, 1, 0, 0, 1],
+            [1, 0, 0, 1, 0, 0, 0, 1],
+            [1, 1, 0, 0, 0, 1, 1, 1],
+            [1, 0, 0, 1, 0, 0, 0, 1],
+            [1, 0, 1, 0, 0, 1, 0, 1],
+            [1, 0, 0, 0, 1, 0, 0, 1],
+            [1, 1, 1, 1, 1, 1, 1, 1]]
+HARDEST_MAZE = [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+                [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+                [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
+                [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
+                [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+                [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
+                [1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1],
+                [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+
+
+@slow
 @pytest.mark.parametrize("name,maze_map,goal_xy,steps", [  # D4RL's goals: cells (3, 1), (6, 6), (7, 9)
-    ("antmaze-umaze-v2", fql_eval.U_MAZE, (0, 8), 700), ("antmaze-medium-play-v2", fql_eval.BIG_MAZE, (20, 20), 1000),
-    ("antmaze-large-diverse-v2", fql_eval.HARDEST_MAZE, (32, 24), 1000)])
+    ("antmaze-umaze-v2", U_MAZE, (0, 8), 700), ("antmaze-medium-play-v2", BIG_MAZE, (20, 20), 1000),
+    ("antmaze-large-diverse-v2", HARDEST_MAZE, (32, 24), 1000)])
 def test_d4rl_antmaze_rewards_the_goal_and_ends_there(name, maze_map, goal_xy, steps):
     env = fql_eval.make_env(name)
     maze = env.unwrapped
@@ -1197,6 +1264,7 @@ def test_d4rl_antmaze_rewards_the_goal_and_ends_there(name, maze_map, goal_xy, s
     assert (reward, terminated, info["success"]) == (1.0, True, 1.0)
 
 
+@slow
 @pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
 def test_adroit_reward_is_d4rls(task):
     """gymnasium-robotics (1.2.1-1.4.2) adds +0.1 |palm - object| where D4RL subtracts it; the wrapper's
@@ -1229,6 +1297,7 @@ def test_adroit_rewards_are_recomputed_only_on_the_releases_that_flipped_them(mo
     assert not fql_eval.make_env("pen-human-v1").recompute_reward
 
 
+@slow
 def test_adroit_pen_ends_when_dropped_and_runs_100_steps():
     env = fql_eval.make_env("pen-human-v1")
     pen = env.unwrapped
@@ -1247,6 +1316,7 @@ def test_adroit_pen_ends_when_dropped_and_runs_100_steps():
     assert dropped and all(z < 0.075 and reward < -3 for z, reward in dropped)  # D4RL's -5 for dropping
 
 
+@slow
 @pytest.mark.parametrize("name,tolerance", [("pen-human-v1", 5), ("door-human-v1", 1), ("hammer-human-v1", 1),
                                             ("relocate-human-v1", 1), ("antmaze-umaze-v2", 0)])
 def test_random_policy_scores_near_d4rl_random_reference(name, tolerance):
@@ -1424,6 +1494,7 @@ def visual_data(tmp_path_factory):
     return directory
 
 
+@slow
 def test_visual_training_run(visual_data, tmp_path):
     agent = fql.main(["--env", "ogbench-visual-cube-single", "--dataset_dir", visual_data, "--run_dir",
                       str(tmp_path), "--no-compile", "--encoder", "impala_debug", *SMALL, "--offline_steps", "20",
@@ -1529,6 +1600,7 @@ def test_missing_dataset_offline_names_the_files(tmp_path, monkeypatch):
     assert "scene-play-v0.npz" in message and "scene-play-v0-val.npz" in message and str(tmp_path) in message
 
 
+@slow
 def test_fql_imports_and_trains_without_the_environment_packages():
     """fql.py can be copied alone: without ogbench, gymnasium, MuJoCo, h5py and eval.py, `import fql` works
     and a compiled update runs on random data."""
@@ -1556,8 +1628,92 @@ print("loaded:", sorted(BLOCKED & {m.split(".")[0] for m in sys.modules}))
     assert "loaded: []" in result.stdout
 
 
-def test_command_line_error_has_no_traceback():
-    result = subprocess.run([sys.executable, "fql.py", "--env", "nope"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 1
-    assert "unknown env 'nope'" in result.stderr and "Traceback" not in result.stderr
+# ----------------------------------------------------------------------------------------------
+# The scripts as users run them: subprocesses, with evaluation on (the default) and no network
+# ----------------------------------------------------------------------------------------------
+OFFLINE = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+PROGRESS = re.compile(r"\d+%\|")  # tqdm's progress bar, which it draws on stderr
+
+
+def script(*args, env=None) -> subprocess.CompletedProcess:
+    """`python fql.py ...` or `python eval.py ...` as a user types it, in this folder; every download fails
+    at once (through a proxy that refuses connections)."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, **OFFLINE, **(env or {})}, timeout=900)
+
+
+def console(result) -> list:
+    """What the script wrote on stderr, its progress bar left out."""
+    return [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS.search(line)]
+
+
+def one_line_error(result, *named):
+    """The script failed with one line on stderr, besides its progress bar: an error naming `named`."""
+    assert result.returncode != 0 and len(console(result)) == 1, result.stderr[-3000:]
+    line = console(result)[0]
+    assert re.match(r"(fql|eval)\.py: error: ", line) and all(name in line for name in named), line
+
+
+def files_in(folder) -> dict:
+    return {str(path): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@slow
+def test_scripts_name_a_missing_dataset_in_one_line(tmp_path):
+    empty = tmp_path / "datasets"
+    result = script("fql.py", "--env", "ogbench-cube-single", "--dataset_dir", str(empty), "--run_dir",
+                    str(tmp_path / "run"))
+    one_line_error(result, str(empty / "cube-single-play-v0.npz"), str(empty / "cube-single-play-v0-val.npz"))
+    result = script("fql.py", "--env", "d4rl-pen-human", "--run_dir", str(tmp_path / "run"),
+                    env=dict(D4RL_DATASET_DIR=str(empty)))
+    one_line_error(result, "pen-human-v1.hdf5", str(empty))
+    assert files_in(tmp_path) == {}  # no run folder, no partial download
+
+
+@slow
+def test_scripts_refuse_in_one_line_what_would_lose_a_run(cube_data, tmp_path):
+    """A short run of two seeds with the default evaluation (at its end) prints nothing but its progress bar
+    and lines on stdout, and `eval.py table` reads its folders. Then the same command again, with --resume
+    and other flags, or on a broken checkpoint; `eval.py` on a missing or broken checkpoint and `plot` with no
+    runs: each ends in one line and a non-zero exit, and changes no file."""
+    command = ["fql.py", "--dataset_dir", cube_data, "--run_dir", str(tmp_path / "run"), "--seeds", "0", "1",
+               "--offline_steps", "4", "--batch_size", "16", "--eval_episodes", "2", "--no-compile", *SMALL]
+    first = script(*command)
+    assert first.returncode == 0 and console(first) == [], first.stderr[-3000:]  # no warnings, no chatter
+    assert "step 4: success 0.000 0.000" in first.stdout
+    runs = [tmp_path / "run" / f"seed{seed}" for seed in (0, 1)]
+    table = script("eval.py", "table", *map(str, runs), "--output", str(tmp_path / "table.csv"))
+    assert table.returncode == 0 and console(table) == [], table.stderr[-3000:]
+    assert table.stdout.splitlines()[2] == "| cube-single-play-singletask-task2-v0 |  | 2 | 4 | 0.0 | 0.0 | 97 |"
+    assert read_csv(tmp_path / "table.csv")[0]["seeds"] == "2"
+
+    written = files_in(tmp_path)
+    one_line_error(script(*command), f"{runs[0]} already holds a run; add --resume")
+    one_line_error(script(*command, "--resume", "--alpha", "1"), f"differs from the run in {runs[0]} in alpha")
+    assert files_in(tmp_path) == written
+    checkpoint = runs[1] / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated, as by a full disk
+    written = files_in(tmp_path)
+    one_line_error(script(*command, "--resume"), f"{checkpoint} is not a readable checkpoint")
+    one_line_error(script("eval.py", "--checkpoint", str(runs[1])), f"{checkpoint} is not a readable checkpoint")
+    one_line_error(script("eval.py", "--checkpoint", str(tmp_path / "none")), f"no checkpoint at {tmp_path / 'none'}")
+    one_line_error(script("eval.py", "plot", "--output", str(tmp_path / "runs.png")), "give one or more run folders")
+    assert files_in(tmp_path) == written
+
+
+@slow
+def test_scripts_stop_a_diverging_run_and_refuse_bad_flags_in_one_line(cube_data, tmp_path):
+    run = tmp_path / "run"
+    result = script("fql.py", "--dataset_dir", cube_data, "--run_dir", str(run), "--offline_steps", "10", "--lr",
+                    "1e30", "--log_interval", "2", "--save_interval", "1", "--eval_episodes", "1", "--batch_size",
+                    "16", "--no-compile", *SMALL)  # Adam's first step throws the parameters to 1e30
+    one_line_error(result, f"training diverged in {run}: critic/critic_loss is nan at step 2. Stopped before saving")
+    state = fql.read_checkpoint(str(run / "checkpoint.pt"))  # the last good checkpoint
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["nets"].values())
+
+    one_line_error(script("fql.py", "--env", "nope"), "unknown env 'nope'")
+    one_line_error(script("fql.py", "--batch_size", "0", "--run_dir", str(tmp_path / "other")),
+                   "--batch_size must be positive")
+    unknown = script("fql.py", "--batch-sise", "8")  # tyro's own message, in a box
+    assert unknown.returncode != 0 and "--batch-sise" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert not (tmp_path / "other").exists()
