@@ -500,10 +500,8 @@ def checkpoint_path(path):
 
 
 def checkpoint_config(state, **changes):
-    """The config a checkpoint was trained with (fields of another version of fql.py left out),
-    with `changes`."""
-    names = {field.name for field in dataclasses.fields(fql.Config)}
-    return fql.Config(**{k: v for k, v in {**state["config"], **changes}.items() if k in names})
+    """The config a checkpoint was trained with, with `changes`."""
+    return fql.Config(**{**state["config"], **changes})
 
 
 def load_agent(path, device):

@@ -438,13 +438,8 @@ class FQLAgent:
     def load_state_dicts(self, states):
         """Restore every seed from its one-seed state dict; Adam's own flags (fused, capturable)
         stay those of this device's."""
-        try:
-            for nets, state in zip(self.seed_nets, states):
-                nets.load_state_dict(state["nets"])
-        except RuntimeError:  # other shapes: the checkpoint's config built other networks
-            raise UsageError("the checkpoint's networks do not fit this fql.py's: an fql.py from "
-                             "before 2026-11-26 stored its actors' weights as (out, in); use that "
-                             "version with it") from None
+        for nets, state in zip(self.seed_nets, states):
+            nets.load_state_dict(state["nets"])
         optimizer = self.optimizer.state_dict()
         for i, saved in states[0]["optimizer"]["state"].items():  # empty before the first update
             seeds = [state["optimizer"]["state"][i] for state in states]
@@ -813,9 +808,11 @@ def save_checkpoints(agent, step, runs, online_state=None):
         if not torch.stack([p.isfinite().all() for p in params]).all():
             stop_diverged(f"its parameters are not finite at step {step}", run.run_dir)
     paths = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
+    numpy_state = list(np.random.get_state())
+    numpy_state[1] = numpy_state[1].tolist()  # its array as a list: plain data for torch.load
     for i, (run, path) in enumerate(zip(runs, paths)):
         rng = dict(generator=agent.generators[i].get_state(), torch=torch.get_rng_state(),
-                   numpy=np.random.get_state(),
+                   numpy=numpy_state,
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         torch.save(dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run),
                         action_dim=agent.action_dim, observation_shape=agent.nets.observation_shape,
@@ -825,17 +822,40 @@ def save_checkpoints(agent, step, runs, online_state=None):
 
 
 def read_checkpoint(path):
-    """A checkpoint's contents, or one clear line if it is missing or not a whole checkpoint."""
+    """A checkpoint's contents, read as data only (no code in the file can run) and checked to be a
+    whole checkpoint of this fql.py; else one line that says what is wrong."""
     if not os.path.exists(path):
         raise UsageError(f"no checkpoint at {path}")
+    # Checkpoints written before their numpy random state was a list hold it as a numpy array:
+    # exactly the numpy types that array needs are allowed (the function numpy's arrays pickle
+    # with lives in numpy.core up to numpy 1.26, in numpy._core from numpy 2)
+    reconstruct = np.zeros(1).__reduce__()[0]
+    numpy_array = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct,
+                   (reconstruct, "numpy.core.multiarray._reconstruct")]
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(numpy_array):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails in many ways on a truncated or foreign file
+        code = re.search(r"GLOBAL (\S+)|but got (<[^>]+>)", str(err))  # what a pickle would run
+        if code:
+            raise UsageError(f"{path} is not a checkpoint of fql.py: it holds Python objects "
+                             f"({code[1] or code[2]}), and loading them could run code") from None
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}; truncated?); "
                          "delete it to start over, or restore a copy") from None
-    if not (isinstance(state, dict) and {"nets", "optimizer", "step", "config"} <= state.keys()):
-        raise UsageError(f"{path} is not a checkpoint of fql.py; give a run folder or its "
-                         "checkpoint.pt")
+    try:  # every part, every field of its config, and networks of the shapes its config builds
+        config = Config(**state["config"])  # a field this fql.py does not have: TypeError
+        missing = {"optimizer", "rng", "step", "buffer"} - state.keys()
+        missing |= {field.name for field in dataclasses.fields(Config)} - state["config"].keys()
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        with torch.device("meta"):  # shapes only, no memory
+            nets = FQLNetworks(state["observation_shape"], state["action_dim"], config)
+        nets.load_state_dict(state["nets"], assign=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise UsageError(f"{path} is not a checkpoint of this fql.py ({type(err).__name__}: "
+                         f"{detail}); one of an fql.py from before 2026-11-26, which stored its "
+                         "actors' weights as (out, in), needs that version") from None
     return state
 
 

@@ -548,7 +548,7 @@ def test_real_run_trains_logs_evaluates_and_checkpoints(cube_data, tmp_path):
     # 100 steps on random actions never put the cube on its goal: -1 for each of the 200 steps
     assert float(evaluation["evaluation/success"]) == 0 and float(evaluation["evaluation/return"]) == -200
 
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["step"] == 100
     assert state["config"]["env"] == "cube-single-play-singletask-task2-v0" and state["config"]["alpha"] == 300
     for name, p in agent.nets.state_dict().items():
@@ -563,7 +563,7 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
     agent.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)))
     path = str(tmp_path / "checkpoint.pt")
     fql.save_checkpoints(agent, 1, [cfg])
-    state = torch.load(path, weights_only=False)  # as if saved on a GPU: Adam's flags there were capturable
+    state = torch.load(path, weights_only=True)  # as if saved on a GPU: Adam's flags there were capturable
     state["optimizer"]["param_groups"][0]["capturable"] = True
     torch.save(state, path)
     expected_act = agent.act(np.ones((1, 4, 7), np.float32))
@@ -594,7 +594,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fql.save_checkpoints(agent, 6, [cfg])
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["step"] == 5
+    assert torch.load(path, weights_only=True)["step"] == 5
 
 
 def killed_after(monkeypatch, steps: int, owner=fql.FQLAgent, method: str = "train_step") -> list:
@@ -634,7 +634,7 @@ def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_run(cube_data
         with pytest.raises(SystemExit, match="the same command with --resume continues"):
             run_cli(cube_data, spelling, *flags, *evaluation, "--resume")
         assert len(calls) == steps
-        assert (torch.load(run / "checkpoint.pt", weights_only=False)["step"] if saved_step else None) == saved_step
+        assert (torch.load(run / "checkpoint.pt", weights_only=True)["step"] if saved_step else None) == saved_step
         assert all(not process.is_alive() for env in vector_envs for process in env.processes)
         assert len(vector_envs) == (saved_step is not None)
         if saved_step == 20:
@@ -672,7 +672,7 @@ def test_a_diverging_run_stops_before_it_overwrites_its_checkpoint(cube_data, tm
     with pytest.raises(SystemExit, match=f"training diverged in {tmp_path}: {message}. Stopped before saving"):
         run_cli(cube_data, tmp_path, "--offline_steps", "60", "--log_interval", log_interval, "--save_interval", "20",
                 "--batch_size", "32")
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 20 and all(torch.isfinite(v).all() for v in state["nets"].values())
     if log_interval == "10":  # train.csv holds the step that stopped the run
         rows = read_csv(tmp_path / "train.csv")
@@ -680,35 +680,96 @@ def test_a_diverging_run_stops_before_it_overwrites_its_checkpoint(cube_data, tm
 
 
 def test_unreadable_checkpoints_give_one_line_and_change_nothing(cube_data, tmp_path):
+    """A checkpoint that is not a whole checkpoint of this fql.py (a field of another version, a missing
+    field or part, networks of other shapes, a truncated file) ends in one line from every path that reads
+    one: --resume, eval.py, eval.py finetune; and nothing is written."""
     run = tmp_path / "run"
     run_cli(cube_data, run, "--offline_steps", "10", "--batch_size", "32")
-    state = torch.load(run / "checkpoint.pt", weights_only=False)  # another version's config: still read
-    state["config"]["retired_flag"] = 1
-    del state["config"]["seeds"]
-    torch.save(state, run / "checkpoint.pt")
-    agent, _ = fql_eval.load_agent(str(run / "checkpoint.pt"), "cpu")  # what eval.py and finetune load with
-    assert agent.cfg.seeds == (0,) and agent.act(np.zeros((1, 28), np.float32)).shape == (1, 5)
-    state["nets"]["actor_onestep.net.0.weight"] = state["nets"]["actor_onestep.net.0.weight"].T.clone()
-    torch.save(state, tmp_path / "older.pt")  # as an fql.py with nn.Linear's (out, in) actor weights wrote it
-    with pytest.raises(SystemExit, match="eval.py: error: the checkpoint's networks do not fit this fql.py's: an "
-                                         "fql.py from before 2026-11-26 stored its actors' weights as"):
-        fql_eval.main(["--checkpoint", str(tmp_path / "older.pt")])
-    with pytest.raises(SystemExit, match="networks do not fit"):
-        fql_eval.main(["finetune", "--checkpoint", str(tmp_path / "older.pt"), "--online_steps", "5"])
-    assert not os.path.exists(str(tmp_path) + "-finetune")  # nothing written
     whole = (run / "checkpoint.pt").read_bytes()
-    (run / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # truncated, as by a full disk
-    files = {path.name: path.read_bytes() for path in run.iterdir()}
-    for command in (lambda: run_cli(cube_data, run, "--offline_steps", "20", "--batch_size", "32", "--resume"),
-                    lambda: fql_eval.main(["--checkpoint", str(run)]),
-                    lambda: fql_eval.main(["finetune", "--checkpoint", str(run), "--online_steps", "5"])):
-        with pytest.raises(SystemExit) as exit_info:
-            command()
-        message = str(exit_info.value.code)
-        assert f"{run / 'checkpoint.pt'} is not a readable checkpoint (" in message
-        assert message.endswith("truncated?); delete it to start over, or restore a copy")
-        assert files == {path.name: path.read_bytes() for path in run.iterdir()}
-    assert not os.path.exists(str(run) + "-finetune")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+
+    def broken(change):
+        bad = copy.deepcopy(state)
+        change(bad)
+        return bad
+
+    def older_actor_layout(bad):  # as an fql.py with nn.Linear's (out, in) actor weights wrote it
+        bad["nets"]["actor_onestep.net.0.weight"] = bad["nets"]["actor_onestep.net.0.weight"].T.clone()
+
+    cases = [(broken(lambda bad: bad["config"].update(retired_flag=1)), "unexpected keyword argument 'retired_flag'"),
+             (broken(lambda bad: bad["config"].pop("seeds")), "KeyError: 'seeds'"),
+             (broken(lambda bad: bad.pop("rng")), "KeyError: 'rng'"),
+             (broken(lambda bad: bad.pop("nets")), "KeyError: 'nets'"),
+             (broken(older_actor_layout), "size mismatch for actor_onestep.net.0.weight"),
+             (None, "is not a readable checkpoint (RuntimeError; truncated?); delete it to start over")]
+    for bad, named in cases:
+        if bad is None:
+            (run / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # truncated, as by a full disk
+        else:
+            torch.save(bad, run / "checkpoint.pt")
+        files = {path.name: path.read_bytes() for path in run.iterdir()}
+        for command in (lambda: run_cli(cube_data, run, "--offline_steps", "20", "--batch_size", "32", "--resume"),
+                        lambda: fql_eval.main(["--checkpoint", str(run)]),
+                        lambda: fql_eval.main(["finetune", "--checkpoint", str(run), "--online_steps", "5"])):
+            with pytest.raises(SystemExit) as exit_info:
+                command()
+            message = str(exit_info.value.code)
+            assert message.startswith(("fql.py: error: ", "eval.py: error: ")) and "\n" not in message
+            assert f"{run / 'checkpoint.pt'} is " in message and named in message, message
+            assert files == {path.name: path.read_bytes() for path in run.iterdir()}  # nothing written
+        assert not os.path.exists(str(run) + "-finetune")
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_bit_identically(cube_data, tmp_path):
+    """Checkpoints written before the numpy random state was kept as a list hold it as a numpy array: read as
+    data with exactly the numpy types that array needs, such a run resumes as if never stopped."""
+    flags = ("--log_interval", "10", "--save_interval", "10", "--batch_size", "32")
+    straight = run_cli(cube_data, tmp_path / "straight", "--offline_steps", "20", *flags)
+    run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "10", *flags)
+    path = tmp_path / "resumed" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    name, keys, *rest = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (name, np.array(keys, dtype=np.uint32), *rest)  # as np.random.get_state() gives it
+    torch.save(state, path)
+    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(path)  # the earlier format
+    resumed = run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "20", *flags, "--resume")
+    for (name, p), q in zip(straight.nets.state_dict().items(), resumed.nets.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    assert untimed_rows(tmp_path / "resumed" / "train.csv") == untimed_rows(tmp_path / "straight" / "train.csv")
+
+
+class CodeInAPickle:
+    """Unpickled, it runs a shell command: what loading a checkpoint must never do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@slow
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_path(cube_data, tmp_path):
+    """eval.py, eval.py finetune, fql.py --resume and a group's --resume, as users run them, refuse a checkpoint
+    whose unpickling would create a file: one line, the file never created, nothing written."""
+    group = tmp_path / "group"
+    run_cli(cube_data, group, "--seeds", "0", "1", "--offline_steps", "2", "--batch_size", "16")
+    crafted = group / "seed1" / "checkpoint.pt"
+    marker = tmp_path / "code-ran"
+    state = torch.load(crafted, weights_only=True)
+    state["nets"] = CodeInAPickle(f"touch {marker}")
+    torch.save(state, crafted)
+    written = files_in(tmp_path)
+    train = ["fql.py", "--dataset_dir", cube_data, "--offline_steps", "4", "--batch_size", "16", "--no-compile", *SMALL,
+             "--resume"]
+    for command in (["eval.py", "--checkpoint", str(group / "seed1")],
+                    ["eval.py", "finetune", "--checkpoint", str(crafted), "--online_steps", "5"],
+                    [*train, "--seed", "1", "--run_dir", str(group / "seed1")],
+                    [*train, "--seeds", "0", "1", "--run_dir", str(group)]):
+        one_line_error(script(*command), f"{crafted} is not a checkpoint of fql.py: it holds Python objects (",
+                       "loading them could run code")
+        assert not marker.exists()
+    assert files_in(tmp_path) == written
 
 
 def test_unreadable_dataset_files_are_named(cube_data, tmp_path, monkeypatch):
@@ -745,7 +806,7 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
         assert [r["step"] for r in read_csv(run / "train.csv")] == ["10", "20", "30", "40", "50"]
         (evaluation,) = read_csv(run / "eval.csv")
         assert evaluation["step"] == "50" and float(evaluation["evaluation/length"]) == 200
-        state = torch.load(run / "checkpoint.pt", weights_only=False)
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
         assert state["step"] == 50 and state["config"]["seeds"] == (seed,)
         for name, p in group.seed_nets[seed].state_dict().items():
             assert torch.equal(state["nets"][name], p)
@@ -763,7 +824,7 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
     with pytest.raises(SystemExit, match="--resume"):
         run_cli(cube_data, tmp_path / "killed", *flags, "--seeds", "0", "1")
     monkeypatch.undo()
-    saved = [torch.load(tmp_path / "killed" / f"seed{k}" / "checkpoint.pt", weights_only=False)["step"] for k in (0, 1)]
+    saved = [torch.load(tmp_path / "killed" / f"seed{k}" / "checkpoint.pt", weights_only=True)["step"] for k in (0, 1)]
     assert saved == [40, 20] and os.path.exists(tmp_path / "killed" / "seed1" / "checkpoint.pt.tmp")
     resumed = run_cli(cube_data, tmp_path / "killed", *flags, "--seeds", "0", "1", "--resume")
     for name, p in group.params.items():
@@ -845,7 +906,7 @@ def test_a_cpu_checkpoint_resumes_on_cuda_with_a_cuda_graph(cube_data, tmp_path)
     agent = run_cli(cube_data, tmp_path, "--offline_steps", "40", "--batch_size", "32", "--log_interval", "10",
                     "--device", "cuda", "--compile", "--resume")
     assert agent.optimizer.param_groups[0]["capturable"] and agent.generators[0].device.type == "cuda"
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 40
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 40
     assert [r["step"] for r in read_csv(tmp_path / "train.csv")] == ["10", "20", "30", "40"]
 
 
@@ -1044,12 +1105,12 @@ def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_pat
     with pytest.raises(SystemExit, match="the same command with --resume continues"):
         run_cli(cube_data, tmp_path, *flags)
     monkeypatch.undo()
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 250 and state["buffer"]["added"] == 200  # the online transitions travel along
     assert state["buffer"]["rows"]["observations"].shape == (200, 28)
 
     agent = run_cli(cube_data, tmp_path, *flags, "--resume")
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 310 and state["buffer"]["added"] == 260
     rows = read_csv(tmp_path / "train.csv")
     assert [int(r["step"]) for r in rows] == [50, 100, 150, 200, 250, 300]
@@ -1074,12 +1135,12 @@ def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, m
         fql_eval.main(argv)
     monkeypatch.undo()
     run = tmp_path / "offline-finetune"
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 60
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 60
     sampled = []
     real_balanced = fql_eval.sample_balanced
     monkeypatch.setattr(fql_eval, "sample_balanced", lambda *args: sampled.append(real_balanced(*args)) or sampled[-1])
     agent = fql_eval.main(argv + ["--resume"])
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["step"] == 70 and state["buffer"]["added"] == 30 and state["config"]["offline_steps"] == 40
     assert state["config"]["balanced_sampling"] and agent.cfg.online_steps == 30
     rows = read_csv(run / "train.csv")
@@ -1354,7 +1415,7 @@ def test_d4rl_training_run(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == ["20", "40", "60"] and not any(k.startswith("validation/") for k in rows[0])
     (evaluation,) = read_csv(tmp_path / "run" / "eval.csv")
     assert float(evaluation["evaluation/score"]) == 100 * float(evaluation["evaluation/success"]) == 0
-    online = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["buffer"]["rows"]
+    online = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["buffer"]["rows"]
     assert online["rewards"].tolist() == [-1.0] * 20  # the maze's reward 0 away from the goal, shifted as offline
 
 
