@@ -263,10 +263,13 @@ def with_score(env_name, result):
 def evaluate(policy, vector_env, episodes, seeds, progress=None):
     """`episodes` episodes per seed, a result each (success rate, mean return, mean length). The
     environments are split into one equal block per seed; episode i of seed s starts from
-    reset(seed=s + i), and each step is one batched policy call for every environment. Episodes run
-    in rounds of a block's size; an environment whose episode has ended keeps stepping until the
-    round ends, and its extra steps are ignored."""
+    reset(seed=s + i). One batched policy call gives every environment an action, or a chunk of
+    actions (--horizon) that then runs open-loop from a queue, one action a step, as QC's
+    evaluation does. Episodes run in rounds of a block's size, all starting together, so the
+    queue empties as each episode ends; an environment whose episode has ended keeps stepping
+    until the round ends, and its extra steps are ignored."""
     per_seed = vector_env.num_envs // len(seeds)
+    action_size = vector_env.single_action_space.shape[0]
     finished = [[] for _ in seeds]  # (success, return, length) of each episode, per seed
     # torch's CPU threads busy-wait between calls and would take the cores the environment workers
     # need (half the speed on 2 cores); one thread is plenty for one batched policy call a step
@@ -280,10 +283,13 @@ def evaluate(policy, vector_env, episodes, seeds, progress=None):
             running = np.tile(np.arange(per_seed) < episodes - first, len(seeds))
             episode_return = np.zeros(vector_env.num_envs)
             length = np.zeros(vector_env.num_envs, dtype=int)
+            queue = []
             while running.any():
-                blocks = observations.reshape(len(seeds), per_seed, *observations.shape[1:])
-                actions = np.clip(policy(blocks), -1, 1).reshape(vector_env.num_envs, -1)
-                observations, rewards, terminated, truncated, infos = vector_env.step(actions)
+                if not queue:  # every environment's next action or chunk of actions
+                    blocks = observations.reshape(len(seeds), per_seed, *observations.shape[1:])
+                    chunks = policy(blocks).reshape(vector_env.num_envs, -1, action_size)
+                    queue = list(np.clip(chunks, -1, 1).swapaxes(0, 1))  # an array a step
+                observations, rewards, terminated, truncated, infos = vector_env.step(queue.pop(0))
                 episode_return += np.where(running, rewards, 0)
                 length += running
                 for i in np.flatnonzero(running & (terminated | truncated)):
@@ -343,9 +349,12 @@ def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame
         frames = [env.render()]
         done = False
         t = 0
+        queue = []
         while not done:
-            action = np.clip(policy(observation[None])[0], -1, 1)  # a one-seed policy
-            observation, _, terminated, truncated, _ = env.step(action)
+            if not queue:  # a one-seed policy's action, or chunk of actions run open-loop
+                chunk = policy(observation[None])[0]
+                queue = list(np.clip(chunk, -1, 1).reshape(-1, env.action_space.shape[0]))
+            observation, _, terminated, truncated, _ = env.step(queue.pop(0))
             done = terminated or truncated
             t += 1
             if t % frame_skip == 0 or done:
@@ -361,9 +370,10 @@ class ReplayBuffer:
     """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with
     balanced sampling). As in the official code, once full the oldest rows are overwritten, offline
     ones included. `size` lives on the device, so sampling stays inside a recorded CUDA graph while
-    the buffer grows."""
+    the buffer grows. Batches as `cfg` asks: windows of --horizon rows, as QC samples its buffer."""
 
-    def __init__(self, data, capacity):
+    def __init__(self, data, capacity, cfg):
+        self.cfg = cfg
         n = len(data["actions"])
         self.capacity = max(capacity, n + 1)
         self.count = n
@@ -384,11 +394,11 @@ class ReplayBuffer:
         self.size.fill_(self.count)
 
     def sample(self, batch_size, generators=(None,)):
-        """As fql.sample_batch: uniform rows, a batch per generator along a leading seed
-        dimension."""
+        """As fql.sample_batch: uniform rows (window starts), a batch per generator along a
+        leading seed dimension."""
+        starts = (self.size - self.cfg.horizon + 1).clamp(min=1)  # where a window can start
         draws = [torch.rand(batch_size, device=self.size.device, generator=g) for g in generators]
-        idx = (torch.stack(draws) * self.size).long()
-        return {k: v[idx] for k, v in self.data.items()}
+        return fql.gather(self.data, (torch.stack(draws) * starts).long(), self.cfg)
 
     def online_rows(self):
         """Positions of the rows written online that are still there, oldest first."""
@@ -412,39 +422,71 @@ class ReplayBuffer:
 
 def sample_balanced(offline, buffer, batch_size, generators=(None,)):
     """Half of each batch from the offline dataset, half from the online transitions."""
-    first = fql.sample_batch(offline, batch_size // 2, generators)
+    first = fql.sample_batch(offline, batch_size // 2, generators, cfg=buffer.cfg)
     second = buffer.sample(batch_size - batch_size // 2, generators)
     return {k: torch.cat([first[k], second[k]], dim=1) for k in first}
 
 
 class OnlineCollector:
-    """Steps one environment with the current policy and appends each transition to the replay
-    buffer, with mask = 1 - terminated; a new episode starts when one is terminated or truncated."""
+    """Steps one environment with the current policy, one action a step: a chunk of actions
+    (--horizon) runs open-loop from a queue that empties when an episode ends, as QC's main.py
+    does. Every executed action goes to the replay buffer as its own transition, with mask =
+    1 - terminated and terminal = the episode's end. An episode starts from reset(seed=seed + the
+    online transitions so far), so that a resumed run can replay the one it was killed in."""
 
-    def __init__(self, env, seed, reward_shift=0.0):
+    def __init__(self, env, seed, reward_shift=0.0, sparse=False):
         self.env = env
+        self.seed = seed
         self.reward_shift = reward_shift
+        self.sparse = sparse
         self.last_episode = {}
-        self.observation, _ = env.reset(seed=seed)
-        self.episode_return = 0.0
-        self.episode_length = 0
+        self.queue = []
+        self.observation = None  # between episodes
 
     def step(self, policy, buffer):
-        action = policy(self.observation[None])[0]  # a one-seed policy
+        if self.observation is None:
+            self.observation, _ = self.env.reset(seed=self.seed + buffer.added)
+            self.episode_return = 0.0
+            self.episode_length = 0
+        if not self.queue:  # a one-seed policy's action, or chunk of actions
+            chunk = policy(self.observation[None])[0]
+            self.queue = list(chunk.reshape(-1, self.env.action_space.shape[0]))
+        action = self.queue.pop(0)
         next_observation, reward, terminated, truncated, info = self.env.step(action)
-        buffer.add(dict(observations=self.observation, actions=action,
-                        rewards=reward + self.reward_shift, masks=1.0 - terminated,
+        done = terminated or truncated
+        stored = -float(reward != 0) if self.sparse else reward + self.reward_shift  # as offline
+        buffer.add(dict(observations=self.observation, actions=action, rewards=stored,
+                        masks=1.0 - terminated, terminals=float(done),
                         next_observations=next_observation))
         self.episode_return += float(reward)
         self.episode_length += 1
         self.observation = next_observation
-        if terminated or truncated:
+        if done:
             self.last_episode = {"exploration/success": float(info["success"]),
                                  "exploration/return": self.episode_return,
                                  "exploration/length": self.episode_length}
-            self.observation, _ = self.env.reset()
+            self.observation = None
+            self.queue = []
+
+    def state_dict(self):
+        steps = self.episode_length if self.observation is not None else 0  # into its episode
+        queue = np.array(self.queue).tolist()  # the rest of its chunk
+        return dict(steps=steps, queue=queue, last_episode=self.last_episode)
+
+    def load_state_dict(self, state, buffer):
+        """Where a killed run left off: its episode replayed from its reset with the actions the
+        buffer holds (exact where the reset's seed decides the start, as in OGBench's
+        manipulation environments)."""
+        self.last_episode = state["last_episode"]
+        self.queue = list(np.array(state["queue"], dtype=np.float32))
+        if state["steps"]:
+            self.observation, _ = self.env.reset(seed=self.seed + buffer.added - state["steps"])
             self.episode_return = 0.0
-            self.episode_length = 0
+            rows = buffer.online_rows()[-state["steps"]:]
+            for action in buffer.data["actions"][rows.to(buffer.size.device)].cpu().numpy():
+                self.observation, reward, *_ = self.env.step(action)
+                self.episode_return += float(reward)
+            self.episode_length = state["steps"]
 
 
 class Finetuning:
@@ -453,32 +495,31 @@ class Finetuning:
     the collector."""
 
     def __init__(self, cfg, train_data):
-        self.cfg = cfg
-        self.env = make_env(cfg.env)
-        self.collector = None
+        # the official code shifts D4RL antmaze rewards online as it does offline
+        antmaze = cfg.env in fql.D4RL and cfg.env.startswith("antmaze")
+        self.collector = OnlineCollector(make_env(cfg.env), cfg.seed, -1.0 if antmaze else 0.0,
+                                         cfg.sparse)
         if cfg.balanced_sampling:
-            self.buffer = ReplayBuffer({k: v[:0] for k, v in train_data.items()}, cfg.buffer_size)
+            empty = {k: v[:0] for k, v in train_data.items()}
+            self.buffer = ReplayBuffer(empty, cfg.buffer_size, cfg)
             self.sample = functools.partial(sample_balanced, train_data, self.buffer)
         else:  # the official layout: the offline data, then the online transitions appended
-            self.buffer = ReplayBuffer(train_data, cfg.buffer_size)
+            self.buffer = ReplayBuffer(train_data, cfg.buffer_size, cfg)
             self.sample = self.buffer.sample
 
     def collect(self, policy):
-        if self.collector is None:  # a new episode after a start or a resumption
-            # the official code shifts D4RL antmaze rewards online as it does offline
-            antmaze = self.cfg.env in fql.D4RL and self.cfg.env.startswith("antmaze")
-            seed = self.cfg.seed + self.buffer.added
-            self.collector = OnlineCollector(self.env, seed, reward_shift=-1.0 if antmaze else 0.0)
         self.collector.step(policy, self.buffer)
 
     def log(self):
         return {**self.collector.last_episode, "exploration/buffer_size": self.buffer.count}
 
     def state_dict(self):
-        return self.buffer.state_dict()
+        return dict(self.buffer.state_dict(), collector=self.collector.state_dict())
 
     def load_state_dict(self, state):
         self.buffer.load_state_dict(state)
+        if "collector" in state:  # checkpoints of earlier versions start a new episode
+            self.collector.load_state_dict(state["collector"], self.buffer)
 
 
 def train(cfg):
@@ -654,7 +695,8 @@ def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
         observations = rng.normal(size=(n, *observation_shape))
         layout = dict(next_observations=observations[::-1])
     dataset = dict(observations=observations, actions=rng.uniform(-1, 1, (n, action_dim)),
-                   rewards=-rng.integers(0, 2, n), masks=np.ones(n), **layout)
+                   rewards=-rng.integers(0, 2, n), masks=np.ones(n),
+                   terminals=np.arange(n) % 1000 == 999, **layout)
     data = fql.to_device(dataset, cfg.device, cfg.frame_stack)
     observation_shape = fql.stacked_shape(data)
     on_cuda = torch.device(cfg.device).type == "cuda"
@@ -662,7 +704,8 @@ def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
     device_name = f"CPU, {torch.get_num_threads()} threads"
     if on_cuda:
         device_name = torch.cuda.get_device_name(cfg.device)
-    print(f"FQL training step, observation {observation_shape}, action {action_dim}, batch "
+    print(f"FQL training step, observation {observation_shape}, action {action_dim}, horizon "
+          f"{cfg.horizon}, batch "
           f"{cfg.batch_size}, critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, "
           f"encoder {cfg.encoder}; {device_name}, torch {torch.__version__}")
     modes = {"eager": dict(compile=False, cuda_graph=False),
@@ -682,7 +725,7 @@ def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
         for seeds in dict.fromkeys([cfg.seeds[:1], cfg.seeds]):  # one seed, then the group
             agent = fql.make_agent(dataclasses.replace(cfg, seeds=seeds, **flags),
                                    observation_shape, action_dim)
-            sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug)
+            sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug, cfg=cfg)
             step = fql.make_train_step(agent, sample)
             warmup = timed(step, 4)  # compilation and graph recording happen here
             updates = max(10, round(seconds * 6 / timed(step, 6)))

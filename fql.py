@@ -12,6 +12,7 @@ Examples:
   python fql.py --env d4rl-antmaze-large-play              # D4RL from its hdf5 files, 500K steps
   python fql.py --env ogbench-visual-cube-single           # pixels: IMPALA encoders, 3 frames
   python fql.py --env ogbench-cube-double --online_steps 1000000   # then online fine-tuning
+  python fql.py --env ogbench-cube-double --horizon 5 --alpha 100 --online_steps 1000000  # QC-FQL
   python fql.py --env ogbench-cube-single --resume          # continue a killed run
   python fql.py --benchmark                                # updates/s of the training step
 
@@ -72,6 +73,14 @@ class Config:
     """transitions per gradient step"""
     flow_steps: int = 10
     """Euler steps when integrating the BC flow"""
+    horizon: int = 1
+    """action chunking (QC-FQL, Li, Zhou, Levine 2025): the policies emit chunks of this many
+    actions, run open-loop, the critic scores a chunk and its target bootstraps this many steps
+    ahead; 1: plain FQL"""
+    action_chunking: bool = True
+    """with --horizon > 1; --no_action_chunking: QC's FQL-n, one action and the n-step target"""
+    sparse: bool = False
+    """QC's --sparse (scene, puzzle-3x3): reward -1 until the task is solved, then 0"""
     actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
     """hidden layer widths of the BC flow and the one-step policy"""
     value_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
@@ -246,7 +255,10 @@ class FQLNetworks(nn.Module):
     def __init__(self, observation_shape, action_dim, cfg):
         super().__init__()
         self.observation_shape = tuple(observation_shape)
-        self.action_dim = action_dim
+        self.action_dim = action_dim  # the environment's
+        # what the networks take and emit: a chunk of actions, time-major (one action: FQL, FQL-n)
+        self.chunk_dim = action_dim * (cfg.horizon if cfg.action_chunking else 1)
+        action_dim = self.chunk_dim
         dim = 512 if cfg.encoder else observation_shape[0]  # encoded features, or the state vector
         encoders = [ImpalaEncoder(observation_shape, cfg.encoder) if cfg.encoder else nn.Identity()
                     for _ in range(3)]
@@ -297,21 +309,28 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
     actions = batch["actions"]
     next_obs = batch["next_observations"]
 
-    # Critic, L_Q(phi): TD target from the target critic at a' = clip(mu(s', z'))
+    # Critic, L_Q(phi): TD target from the target critic at a' = clip(mu(s', z')). With action
+    # chunks (QC), s' is s_{t+H}, the reward the window's discounted sum: discount^H bootstraps
     with torch.no_grad():
         next_actions = nets.actor_onestep(next_obs, noise["z_next"]).clamp(-1, 1)
         next_qs = nets.target_critic(next_obs, next_actions)
         next_q = next_qs.min(dim=0).values if cfg.q_agg == "min" else next_qs.mean(dim=0)
-        target_q = batch["rewards"] + cfg.discount * batch["masks"] * next_q
+        target_q = batch["rewards"] + cfg.discount**cfg.horizon * batch["masks"] * next_q
     q = nets.critic(obs, actions)
-    critic_loss = (q - target_q).pow(2).mean()
+    critic_errors = (q - target_q).pow(2)
 
     # BC flow matching, L_Flow(theta): regress the velocity x_1 - x_0 at x_t = (1 - t) x_0 + t x_1
     x0 = noise["x0"]
     x1 = actions
     t = noise["t"]
     x_t = (1 - t) * x0 + t * x1
-    bc_flow_loss = (nets.actor_bc_flow(obs, x_t, t) - (x1 - x0)).pow(2).mean()
+    bc_errors = (nets.actor_bc_flow(obs, x_t, t) - (x1 - x0)).pow(2)
+    if "valid" in batch:  # windows (QC): steps after an episode's end in the window count as zeros
+        critic_errors = critic_errors * batch["valid"][..., -1]
+        if cfg.action_chunking:  # each step of the chunk weighted by its own validity
+            bc_errors = bc_errors.unflatten(-1, (cfg.horizon, -1)) * batch["valid"][..., None]
+    critic_loss = critic_errors.mean()
+    bc_flow_loss = bc_errors.mean()
 
     # One-step distillation, L_Distill(omega): match the BC flow's action for the same noise,
     # with no gradient into the flow
@@ -364,7 +383,7 @@ class FQLAgent:
         self.seed_nets = seed_nets
         self.nets = seed_nets[0]  # what torch.func.functional_call runs with each seed's params
         self.generators = generators
-        self.action_dim = self.nets.action_dim
+        self.chunk_dim = self.nets.chunk_dim
         self.params = stack_parameters(seed_nets)
         self.critic_params = [p for k, p in self.params.items() if k.startswith("critic.")]
         self.target_params = [p for k, p in self.params.items() if k.startswith("target_critic.")]
@@ -404,14 +423,15 @@ class FQLAgent:
     def draw(self, sample):
         """(batch, noise) of one update, each seed's from its own generator."""
         batch = sample(self.cfg.batch_size, self.generators)
-        noise = draw_noise(self.cfg.batch_size, self.action_dim, self.cfg.device, self.generators)
+        noise = draw_noise(self.cfg.batch_size, self.chunk_dim, self.cfg.device, self.generators)
         return batch, noise
 
     def train_step(self, sample, with_metrics=False):
         return self.update(*self.draw(sample), with_metrics)
 
     def policy_eager(self, obs, z):
-        """mu(s, z) clipped to [-1, 1]; each seed's observations through its own policy."""
+        """mu(s, z) clipped to [-1, 1] (with --horizon, a chunk of actions); each seed's
+        observations through its own policy."""
         actions = [nets.actor_onestep(o, n) for nets, o, n in zip(self.seed_nets, obs, z)]
         return torch.stack(actions).clamp(-1, 1)
 
@@ -420,8 +440,8 @@ class FQLAgent:
         """The stochastic policy on (seeds, ..., *observation) arrays: fresh z ~ N(0, I), drawn
         outside the compiled policy so that both act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
-        leading = obs.shape[: -len(self.nets.observation_shape)]
-        z = torch.randn((*leading, self.action_dim), device=obs.device)
+        z_shape = (*obs.shape[: -len(self.nets.observation_shape)], self.chunk_dim)
+        z = torch.randn(z_shape, device=obs.device)
         return self.policy(obs, z).cpu().numpy()
 
     def state_dict(self, seed_index=0):
@@ -611,8 +631,8 @@ def resolve_config(cfg):
                               seed=seeds[0], seeds=seeds, **filled)
 
     # nan fails every comparison, so these checks refuse it too
-    for name in ("batch_size", "flow_steps", "lr", "buffer_size", "log_interval", "save_interval",
-                 "eval_episodes"):
+    for name in ("batch_size", "flow_steps", "horizon", "lr", "buffer_size", "log_interval",
+                 "save_interval", "eval_episodes"):
         if not 0 < getattr(cfg, name) < math.inf:
             raise UsageError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("alpha", "offline_steps", "online_steps", "eval_interval"):
@@ -629,11 +649,11 @@ def resolve_config(cfg):
     if not pixels and (cfg.encoder or cfg.frame_stack or cfg.p_aug is not None):
         raise UsageError("--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs; "
                          f"{cfg.env} has states")
-    if pixels and not (cfg.encoder and cfg.frame_stack and cfg.frame_stack >= 1):
+    if pixels and not (cfg.encoder and (cfg.frame_stack or 0) >= 1):
         raise UsageError(f"{cfg.env} has pixel observations: give --encoder and --frame_stack >= 1")
-    if pixels and cfg.online_steps:
-        raise UsageError("fine-tuning on pixels is not supported: its buffer would hold stacked "
-                         "frames per step")
+    if pixels and (cfg.online_steps or cfg.horizon > 1):
+        raise UsageError("fine-tuning and --horizon > 1 are not supported on pixels: their "
+                         "batches would hold stacked frames per step")
     if len(seeds) > 1 and (cfg.online_steps or cfg.wandb_project):
         raise UsageError("--online_steps and --wandb_project take one seed; fine-tune each seed's "
                          "run with eval.py finetune, or log one --seed per run")
@@ -721,13 +741,14 @@ def load_d4rl(name):
     return dataset
 
 
-def to_device(dataset, device, frame_stack=None):
-    """What the update needs, on the device, as float32 transitions. A compact pixel dataset
-    (OGBench's layout for visual-* envs: each frame once, s' in the next row) keeps its uint8
-    frames once, and each transition the rows of its frame_stack + 1 frames: the first frame_stack
-    make s, the last make s' (before an episode starts, its first frame stands in)."""
+def to_device(dataset, device, frame_stack=None, sparse=False):
+    """What the update needs, on the device, as float32 transitions (with `terminals`, the
+    episodes' ends, for QC's windows). A compact pixel dataset (OGBench's layout for visual-* envs:
+    each frame once, s' in the next row) keeps its uint8 frames once, and each transition the rows
+    of its frame_stack + 1 frames: the first frame_stack make s, the last make s' (before an
+    episode starts, its first frame stands in)."""
     rows = slice(None)
-    keys = ["actions", "rewards", "masks", "observations", "next_observations"]
+    keys = ["actions", "rewards", "masks", "terminals", "observations", "next_observations"]
     data = {}
     if "valids" in dataset:
         valids = dataset["valids"]
@@ -740,21 +761,25 @@ def to_device(dataset, device, frame_stack=None):
         data["frame_rows"] = torch.as_tensor(frame_rows, device=device)
         keys = keys[:3]
     for k in keys:
-        data[k] = torch.as_tensor(np.asarray(dataset[k][rows], dtype=np.float32), device=device)
+        if k in dataset:
+            data[k] = torch.as_tensor(np.asarray(dataset[k][rows], dtype=np.float32), device=device)
     # as the official code: the flow never has to reach exactly +-1
     data["actions"] = data["actions"].clamp(-1 + 1e-5, 1 - 1e-5)
+    if sparse:  # QC's --sparse: -1 until the task is solved (reward 0 in OGBench), then 0
+        data["rewards"] = -(data["rewards"] != 0).float()
     return data
 
 
-def sample_batch(data, batch_size, generators=(None,), p_aug=None):
+def sample_batch(data, batch_size, generators=(None,), p_aug=None, cfg=None):
     """Uniform transitions, a batch per generator along a leading seed dimension: each seed draws
-    its own rows, then one gather per array serves every seed, on the device. Pixels: the frames
-    are stacked along the channels, oldest first, then randomly shifted with probability p_aug."""
-    rows = len(data["actions"])
+    its own rows, then one gather per array serves every seed, on the device. With cfg.horizon
+    > 1, windows of that many rows (`gather`). Pixels: the frames are stacked along the channels,
+    oldest first, then randomly shifted with probability p_aug."""
+    rows = len(data["actions"]) - (cfg.horizon - 1 if cfg else 0)  # where a window can start
     device = data["actions"].device
     idx = torch.stack([torch.randint(rows, (batch_size,), device=device, generator=g)
                        for g in generators])
-    batch = {k: v[idx] for k, v in data.items() if k != "frames"}
+    batch = gather(data, idx, cfg)
     if "frames" in data:
         frames = data["frames"][batch.pop("frame_rows")]  # (seeds, batch, frame_stack + 1, H, W, C)
         batch["observations"] = frames[:, :, :-1].movedim(2, -2).flatten(-2)
@@ -763,6 +788,27 @@ def sample_batch(data, batch_size, generators=(None,), p_aug=None):
             batch["observations"], batch["next_observations"] = random_shift(
                 batch["observations"], batch["next_observations"], p_aug, generators)
     return batch
+
+
+def gather(data, idx, cfg=None):
+    """The batch of rows `idx` (seeds, batch). With cfg.horizon H > 1, QC's windows of H rows
+    from each (its sample_sequence; a window may cross an episode's end): s_t, the actions
+    a_t..a_{t+H-1} flattened time-major (FQL-n: a_t alone), the discounted reward sum, the masks'
+    minimum, s_{t+H}, and `valid`: a step of the window counts unless an episode ended before it."""
+    if not cfg or cfg.horizon == 1:
+        return {k: v[idx] for k, v in data.items() if k not in ("frames", "terminals")}
+    steps = torch.arange(cfg.horizon, device=idx.device)
+    rows = idx[..., None] + steps  # (seeds, batch, H)
+    actions = data["actions"][rows]
+    ended = data["terminals"][rows].cummax(dim=-1).values  # an episode ended here or before
+    return dict(
+        actions=actions.flatten(-2) if cfg.action_chunking else actions[..., 0, :],
+        rewards=(data["rewards"][rows] * cfg.discount**steps).sum(-1),
+        masks=data["masks"][rows].amin(-1),
+        observations=data["observations"][idx],
+        next_observations=data["next_observations"][rows[..., -1]],
+        valid=1 - F.pad(ended[..., :-1], (1, 0)),  # the first step always counts
+    )
 
 
 def random_shift(observations, next_observations, p_aug, generators=(None,), pad=3):
@@ -812,11 +858,11 @@ def save_checkpoints(agent, step, runs, online_state=None):
     numpy_state[1] = numpy_state[1].tolist()  # its array as a list: plain data for torch.load
     for i, (run, path) in enumerate(zip(runs, paths)):
         rng = dict(generator=agent.generators[i].get_state(), torch=torch.get_rng_state(),
-                   numpy=numpy_state,
-                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                   numpy=numpy_state, cuda=torch.cuda.get_rng_state_all())  # [] without a GPU
         torch.save(dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run),
-                        action_dim=agent.action_dim, observation_shape=agent.nets.observation_shape,
-                        buffer=online_state, rng=rng), path + ".tmp")
+                        action_dim=agent.nets.action_dim,
+                        observation_shape=agent.nets.observation_shape, buffer=online_state,
+                        rng=rng), path + ".tmp")
     for path in paths:
         os.replace(path + ".tmp", path)
 
@@ -845,7 +891,7 @@ def read_checkpoint(path):
     try:  # every part, every field of its config, and networks of the shapes its config builds
         config = Config(**state["config"])  # a field this fql.py does not have: TypeError
         missing = {"optimizer", "rng", "step", "buffer"} - state.keys()
-        missing |= {field.name for field in dataclasses.fields(Config)} - state["config"].keys()
+        missing |= dataclasses.asdict(config).keys() - state["config"].keys()
         if missing:
             raise KeyError(", ".join(sorted(missing)))
         with torch.device("meta"):  # shapes only, no memory
@@ -859,23 +905,19 @@ def read_checkpoint(path):
     return state
 
 
-def check_same_run(saved, run):
-    """Refuse to resume a run whose config differs beyond RESUMABLE_CHANGES (fields that an older
-    fql.py did not have excepted)."""
-    changed = [k for k, v in dataclasses.asdict(run).items()  # as JSON, where tuples are lists
-               if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k, v)) != json.dumps(v)]
-    if changed:
-        raise UsageError(f"--resume: this command differs from the run in {run.run_dir} in "
-                         f"{', '.join(changed)}; give the same flags as the original run")
-
-
 def load_checkpoints(agent, runs):
-    """Resume a killed run: each seed's checkpoint read and checked, then its networks, Adam's
-    state and random streams restored; returns the first seed's checkpoint."""
+    """Resume a killed run: each seed's checkpoint read and checked (its config may differ only
+    in RESUMABLE_CHANGES), then its networks, Adam's state and random streams restored; returns
+    the first seed's checkpoint."""
     states = []
     for run in runs:
         states.append(read_checkpoint(os.path.join(run.run_dir, "checkpoint.pt")))
-        check_same_run(states[-1]["config"], run)
+        saved = states[-1]["config"]
+        changed = [k for k, v in dataclasses.asdict(run).items()  # as JSON: tuples are lists
+                   if k not in RESUMABLE_CHANGES and json.dumps(saved[k]) != json.dumps(v)]
+        if changed:
+            raise UsageError(f"--resume: this command differs from the run in {run.run_dir} in "
+                             f"{', '.join(changed)}; give the same flags as the original run")
     agent.load_state_dicts(states)
     for generator, run, state in zip(agent.generators, runs, states):
         try:
@@ -885,7 +927,7 @@ def load_checkpoints(agent, runs):
     rng = states[0]["rng"]  # the global streams, the same in every seed's checkpoint
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None and len(rng["cuda"]) <= torch.cuda.device_count():
+    if rng["cuda"] and len(rng["cuda"]) <= torch.cuda.device_count():  # [] or None: no GPU
         torch.cuda.set_rng_state_all(rng["cuda"])
     return states[0]
 
@@ -918,7 +960,7 @@ class RunLog:
     """Every seed's train.csv and eval.csv, Weights & Biases (the first seed's rows), and the
     progress bar over the steps still to run."""
 
-    def __init__(self, cfg, runs, start):
+    def __init__(self, cfg, runs, start, total_steps):
         self.files = {name: [CSVLog(os.path.join(run.run_dir, name), start) for run in runs]
                       for name in ("train.csv", "eval.csv")}
         self.wandb = None
@@ -927,12 +969,9 @@ class RunLog:
                 import wandb
             except ImportError:
                 raise UsageError("--wandb_project needs wandb: pip install wandb") from None
-            self.wandb = wandb
-            wandb.init(project=cfg.wandb_project, name=os.path.basename(cfg.run_dir),
-                       config=dataclasses.asdict(cfg))
-        total = cfg.offline_steps + cfg.online_steps
-        self.progress = tqdm(range(start + 1, total + 1), initial=start, total=total, unit="update",
-                             smoothing=0.05)
+            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+        self.progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps,
+                             unit="update", smoothing=0.05)
         self.timer = (time.time(), start)  # updates/s since the last row, evaluations left out
 
     def train(self, step, metrics, extra):
@@ -940,7 +979,6 @@ class RunLog:
         extra["time/updates_per_sec"] = (step - self.timer[1]) / (time.time() - self.timer[0])
         values = torch.stack(list(metrics.values()), dim=1).tolist()  # (seeds, metrics)
         self.write("train.csv", step, [{**dict(zip(metrics, v)), **extra} for v in values])
-        self.progress.set_postfix(critic=f"{values[0][0]:.3g}")
         self.timer = (time.time(), step)
 
     def evaluation(self, step, results):
@@ -970,21 +1008,20 @@ def stop_diverged(what, run_dir):
 
 # ---- Training loop -------------------------------------------------------------------------------
 def seed_runs(cfg):
-    """Each seed's run, or one clear line, before anything is loaded or written, if its folder
-    holds another run. With --resume, a group killed between its checkpoints' renames is mended:
-    every .tmp was whole before the first (the first seed's) was renamed."""
+    """Each seed's run (the config `--seed N` gives alone), or one clear line, before anything is
+    loaded or written, if its folder holds another run. With --resume, a group killed between its
+    checkpoints' renames is mended: every .tmp was whole before the first seed's was renamed."""
     runs = []
-    for seed in cfg.seeds:  # a seed's run: the config `--seed N` gives alone
+    for seed in cfg.seeds:
         run_dir = cfg.run_dir.replace("{seed}", str(seed))
-        runs.append(dataclasses.replace(cfg, seed=seed, seeds=(seed,), run_dir=run_dir))
-    checkpoints = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
-    for run, checkpoint in zip(runs, checkpoints):
+        checkpoint = os.path.join(run_dir, "checkpoint.pt")
         if os.path.exists(checkpoint) and not cfg.resume:
-            raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or "
+            raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or "
                              "another --run_dir")
-        renamed_first = not os.path.exists(checkpoints[0] + ".tmp")
-        if cfg.resume and renamed_first and os.path.exists(checkpoint + ".tmp"):
+        renamed = runs and not os.path.exists(os.path.join(runs[0].run_dir, "checkpoint.pt.tmp"))
+        if cfg.resume and renamed and os.path.exists(checkpoint + ".tmp"):
             os.replace(checkpoint + ".tmp", checkpoint)
+        runs.append(dataclasses.replace(cfg, seed=seed, seeds=(seed,), run_dir=run_dir))
     return runs
 
 
@@ -1019,23 +1056,22 @@ def train(cfg, evaluate=None, finetuning=None):
 
     train_set, val_set = load_datasets(cfg.env, cfg.dataset_dir)
     # one copy on the device, shared by all seeds
-    train_data = to_device(train_set, cfg.device, cfg.frame_stack)
+    train_data = to_device(train_set, cfg.device, cfg.frame_stack, cfg.sparse)
     observation_shape = stacked_shape(train_data)
     agent = make_agent(cfg, observation_shape, train_data["actions"].shape[1])
-    sample = functools.partial(sample_batch, train_data, p_aug=cfg.p_aug)
+    sample = functools.partial(sample_batch, train_data, p_aug=cfg.p_aug, cfg=cfg)
     offline_step = make_train_step(agent, sample)
     validation = None
     if val_set:
-        val_data = to_device(val_set, cfg.device, cfg.frame_stack)
-        validation = functools.partial(sample_batch, val_data)
+        val_data = to_device(val_set, cfg.device, cfg.frame_stack, cfg.sparse)
+        validation = functools.partial(sample_batch, val_data, cfg=cfg)
     online = finetuning(cfg, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
     start = open_run(cfg, runs, agent, online)
-    log = RunLog(cfg, runs, start)
-    print(f"FQL on {cfg.env}, {len(train_data['actions'])} transitions, alpha {cfg.alpha}; "
-          f"writing to {cfg.run_dir}")
-
+    print(f"FQL on {cfg.env}, alpha {cfg.alpha}, in {cfg.run_dir}")
     total_steps = cfg.offline_steps + cfg.online_steps
+    log = RunLog(cfg, runs, start, total_steps)
+
     for step in log.progress:  # Algorithm 1
         with_metrics = step % cfg.log_interval == 0
         if step <= cfg.offline_steps:

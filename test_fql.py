@@ -112,21 +112,28 @@ def manual_q(critic: fql.MLP, obs, actions):
 
 
 def manual_losses(nets: fql.FQLNetworks, b: dict, n: dict, cfg: fql.Config) -> dict:
-    """Each loss term of FQL, with gradients only where the official code lets them flow."""
+    """Each loss term of FQL, with gradients only where the official code lets them flow. With QC's windows
+    (a batch with `valid`, (batch, H)): the target bootstraps with discount^H, the critic's squared errors are
+    weighted by the last step's validity, and with action chunks each step's BC errors by its own; every mean
+    still counts the invalid entries (QC's acfql.py)."""
     obs, a = b["observations"], b["actions"]
+    valid = b.get("valid", torch.ones_like(b["rewards"])[:, None])
     with torch.no_grad():
         next_a = manual_actor(nets.actor_onestep, b["next_observations"], n["z_next"])
         next_qs = manual_q(nets.target_critic, b["next_observations"], next_a.clamp(-1, 1))
         next_q = next_qs.min(0).values if cfg.q_agg == "min" else next_qs.mean(0)
-        target = b["rewards"] + cfg.discount * b["masks"] * next_q
+        target = b["rewards"] + cfg.discount ** cfg.horizon * b["masks"] * next_q
         x = n["z"]
         for i in range(cfg.flow_steps):
             t = torch.full_like(x[:, :1], i / cfg.flow_steps)
             x = x + manual_actor(nets.actor_bc_flow, obs, x, t) / cfg.flow_steps
         flow_target = x.clamp(-1, 1)
-    critic = ((manual_q(nets.critic, obs, a) - target) ** 2).mean()
+    critic = ((manual_q(nets.critic, obs, a) - target) ** 2 * valid[:, -1]).mean()
     x_t = (1 - n["t"]) * n["x0"] + n["t"] * a
-    bc = ((manual_actor(nets.actor_bc_flow, obs, x_t, n["t"]) - (a - n["x0"])) ** 2).mean()
+    bc_errors = (manual_actor(nets.actor_bc_flow, obs, x_t, n["t"]) - (a - n["x0"])) ** 2
+    if cfg.action_chunking:  # step i of the chunk: its columns i * A ... (i + 1) * A - 1
+        bc_errors = bc_errors * valid.repeat_interleave(a.shape[1] // valid.shape[1], dim=1)
+    bc = bc_errors.mean()
     mu = manual_actor(nets.actor_onestep, obs, n["z"])
     distill = ((mu - flow_target) ** 2).mean()
     frozen_critic = copy.deepcopy(nets.critic).requires_grad_(False)
@@ -176,11 +183,12 @@ def test_dataset_on_device_clips_actions_and_samples_whole_transitions():
     dataset = dict(observations=np.stack([index, index], 1), next_observations=np.stack([index + 1, index], 1),
                    actions=np.linspace(-1, 1, n)[:, None], rewards=-index, masks=index % 2, terminals=index * 0)
     data = fql.to_device(dataset, "cpu")
-    assert set(data) == {"observations", "actions", "rewards", "masks", "next_observations"}
+    assert set(data) == {"observations", "actions", "rewards", "masks", "next_observations", "terminals"}
     assert data["actions"].dtype == torch.float32
     assert data["actions"].max() == np.float32(1 - 1e-5) and data["actions"].min() == np.float32(-1 + 1e-5)
     generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     batches = fql.sample_batch(data, 4096, generators)  # one batch per seed's generator, stacked
+    assert list(batches) == ["actions", "rewards", "masks", "observations", "next_observations"]  # FQL's
     assert batches["observations"].shape == (2, 4096, 2) and batches["rewards"].shape == (2, 4096)
     for seed, batch in zip((1, 2), (dict(zip(batches, values)) for values in zip(*batches.values()))):
         i = batch["observations"][:, 0]
@@ -257,6 +265,181 @@ def test_q_term_alone_moves_the_one_step_policy():
     q_only = manual_losses(nets, batch, noise, cfg)["q_loss"]
     for got, want in zip(onestep_grad, grads(q_only, nets.actor_onestep), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Action chunking (QC-FQL, FQL-n): windows, losses, acting
+# ----------------------------------------------------------------------------------------------
+def window_dataset(n=14, action_dim=2):
+    """Rows whose values name them: observation (i, -i), action i / 100 + its column, reward i; masks 0 every
+    third row (a success), episodes ending at rows 4 and 9 (windows cross them)."""
+    rows = np.arange(n, dtype=np.float32)
+    return dict(observations=np.stack([rows, -rows], 1), next_observations=np.stack([rows + 1, -rows - 1], 1),
+                actions=rows[:, None] / 100 + np.arange(action_dim) / 10, rewards=rows,
+                masks=(rows % 3 != 2).astype(np.float32), terminals=np.isin(rows, [4, 9]).astype(np.float32))
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["QC-FQL", "FQL-n"])
+def test_windows_are_qcs_sample_sequence(chunking):
+    """Each sampled window against a direct computation of QC's sample_sequence from its start row: starts
+    uniform over [0, n - H], actions time-major (FQL-n: the first), the discounted reward sum, the masks'
+    running minimum, s_{t+H}, and valid_i = 1 - (an episode ended at a step before i)."""
+    horizon, n = 4, 14
+    dataset = window_dataset(n)
+    cfg = make_config(horizon=horizon, discount=0.9, action_chunking=chunking)
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    batch = fql.sample_batch(fql.to_device(dataset, "cpu"), 3000, generators, cfg=cfg)
+    starts = batch["observations"][..., 0].long()
+    assert set(starts.flatten().tolist()) == set(range(n - horizon + 1))  # every start, none past n - H
+    for seed in (0, 1):
+        for i, start in enumerate(starts[seed].tolist()[:200]):
+            window = range(start, start + horizon)
+            actions = dataset["actions"][list(window)]
+            ended = np.maximum.accumulate(dataset["terminals"][list(window)])
+            expected = dict(
+                actions=actions.reshape(-1) if chunking else actions[0],
+                rewards=sum(0.9**k * dataset["rewards"][row] for k, row in enumerate(window)),
+                masks=min(dataset["masks"][row] for row in window),
+                next_observations=dataset["next_observations"][start + horizon - 1],
+                valid=np.concatenate([[1.0], 1 - ended[:-1]]),
+            )
+            for key, value in expected.items():
+                np.testing.assert_allclose(batch[key][seed, i].numpy(), value, rtol=1e-6, err_msg=key)
+    assert 0 < batch["valid"][..., -1].mean() < 1  # windows across an episode's end are in the batch
+
+
+def test_horizon_1_is_fql_and_the_chunk_path_reduces_to_it_exactly():
+    """--horizon 1 samples the plain FQL batch (no window fields) and the update is FQL's. A batch in the form
+    of QC's windows with H = 1 (every step valid, discount^1) gives the same losses, gradients and parameters
+    after a few updates, bit for bit."""
+    data = fql.to_device(window_dataset(50, action_dim=3), "cpu")
+    assert list(fql.sample_batch(data, 8, cfg=make_config(horizon=1))) == [
+        "actions", "rewards", "masks", "observations", "next_observations"]
+    torch.manual_seed(0)
+    plain = make_agent(2, 3, make_config(horizon=1))
+    chunked = fql.FQLAgent([copy.deepcopy(plain.nets)], plain.cfg, [torch.Generator()])
+    for step in range(5):
+        batch = one(random_batch(64, 2, 3, seed=step))
+        noise = one(fixed_noise(64, 3, seed=step))
+        window = {**batch, "valid": torch.ones(1, 64, 1)}
+        losses = [agent.losses_eager(b, noise, with_metrics=True) for agent, b in ((plain, batch), (chunked, window))]
+        for key, value in losses[0][1].items():
+            assert torch.equal(value, losses[1][1][key]), key
+        grads = [torch.autograd.grad(loss, [p for p in agent.params.values() if p.requires_grad])
+                 for (loss, _), agent in zip(losses, (plain, chunked))]
+        assert all(torch.equal(g, h) for g, h in zip(*grads))
+        plain.update(batch, noise)
+        chunked.update(window, noise)
+    for name, p in plain.params.items():
+        assert torch.equal(p, chunked.params[name]), name
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["QC-FQL", "FQL-n"])
+def test_chunked_losses_equal_direct_formulas(chunking):
+    """QC's losses on known inputs: a chunk of 3 actions (FQL-n: one) whose windows are partly invalid."""
+    torch.manual_seed(0)
+    cfg = make_config(horizon=3, action_chunking=chunking, discount=0.9)
+    nets = fql.FQLNetworks((7,), 2, cfg).double()
+    assert nets.chunk_dim == (6 if chunking else 2) and nets.action_dim == 2
+    with torch.no_grad():
+        for p in nets.target_critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = random_batch(64, 7, nets.chunk_dim, torch.float64)
+    batch["valid"] = (torch.rand(64, 3, generator=torch.Generator().manual_seed(1)) > 0.3).double().cummin(1).values
+    batch["valid"][:, 0] = 1
+    noise = fixed_noise(64, nets.chunk_dim, torch.float64)
+    total, metrics = fql.fql_losses(nets, batch, noise, cfg, with_metrics=True)
+    expected = manual_losses(nets, batch, noise, cfg)
+    close = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["critic/critic_loss"], expected["critic"], **close)
+    torch.testing.assert_close(metrics["actor/bc_flow_loss"], expected["bc"], **close)
+    torch.testing.assert_close(metrics["actor/distill_loss"], expected["distill"], **close)
+    torch.testing.assert_close(total, expected["total"], **close)
+    unweighted = manual_losses(nets, {**batch, "valid": torch.ones_like(batch["valid"])}, noise, cfg)
+    assert not torch.isclose(unweighted["critic"], expected["critic"])  # the weights matter here
+    assert chunking != bool(torch.isclose(unweighted["bc"], expected["bc"]))  # FQL-n: BC unweighted
+
+
+def test_a_group_with_horizon_5_equals_its_seeds_alone():
+    cfg = fql.resolve_config(make_config(seeds=(0, 1, 2), horizon=5))
+    data = fql.to_device(window_dataset(200, action_dim=3), "cpu")
+    sample = functools.partial(fql.sample_batch, data, cfg=cfg)
+    group = fql.make_agent(cfg, (2,), 3)
+    singles = [fql.make_agent(run, (2,), 3) for run in fql.seed_runs(cfg)]
+    assert group.chunk_dim == 15
+    for _ in range(5):
+        got = group.train_step(sample, with_metrics=True)
+        for k, single in enumerate(singles):
+            want = single.train_step(functools.partial(fql.sample_batch, data, cfg=single.cfg), with_metrics=True)
+            for key in want:
+                torch.testing.assert_close(got[key][k], want[key][0], msg=key)
+    for k, single in enumerate(singles):
+        for name, p in single.params.items():
+            torch.testing.assert_close(group.params[name][k], p[0], msg=name)
+
+
+class ChunkEnv(gymnasium.Env):
+    """Observation = the step count; episodes of 7 steps; records every action it is given."""
+    observation_space = gymnasium.spaces.Box(0, 100, (1,))
+    action_space = gymnasium.spaces.Box(-1, 1, (1,))
+
+    def __init__(self):
+        self.actions = []
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.actions.append(float(action[0]))
+        self.t += 1
+        return np.full(1, self.t, np.float32), 0.0, False, self.t == 7, {"success": 0.0}
+
+
+def test_chunks_run_open_loop_and_start_afresh_with_each_episode():
+    """A policy that emits chunks of 3 actions is called every 3 steps, its actions run in order, and a new
+    episode starts a new chunk (the last chunk of an episode of 7 steps is cut after one action): in
+    evaluation (each of two environments its own chunk) and in fine-tuning's collector."""
+    calls = []
+
+    def chunk_policy(observations):  # action j of call k: k / 10 + j / 100
+        calls.append(observations.copy())
+        k = len(calls)
+        return np.broadcast_to(k / 10 + np.arange(3) / 100, (*observations.shape[:-1], 3)).copy()
+
+    envs = [ChunkEnv(), ChunkEnv()]
+    vector_env = gymnasium.vector.SyncVectorEnv([lambda env=env: env for env in envs])
+    (result,) = fql_eval.evaluate(chunk_policy, vector_env, 4, [0])
+    assert result["length"] == 7 and len(calls) == 6  # two rounds of episodes, 3 chunks each
+    assert [c[0, :, 0].tolist() for c in calls[:3]] == [[0, 0], [3, 3], [6, 6]]  # at steps 0, 3, 6
+    chunks = [[k / 10 + j / 100 for j in range(3)] for k in range(1, 7)]
+    expected = chunks[0] + chunks[1] + chunks[2][:1] + chunks[3] + chunks[4] + chunks[5][:1]
+    for env in envs:
+        np.testing.assert_allclose(env.actions, expected)
+
+    calls.clear()
+    buffer = fql_eval.ReplayBuffer({k: torch.zeros(0, 1) if k in ("observations", "next_observations", "actions")
+                                    else torch.zeros(0) for k in ("observations", "next_observations", "actions",
+                                                                 "rewards", "masks", "terminals")}, 20, make_config())
+    collector = fql_eval.OnlineCollector(ChunkEnv(), seed=0)
+    for _ in range(9):
+        collector.step(chunk_policy, buffer)
+    np.testing.assert_allclose(collector.env.actions, chunks[0] + chunks[1] + chunks[2][:1] + chunks[3][:2])
+    np.testing.assert_allclose(buffer.data["actions"][:9, 0], collector.env.actions)  # each action its own row
+    np.testing.assert_array_equal(buffer.data["terminals"][:9], [0] * 6 + [1, 0, 0])
+    state = collector.state_dict()
+    assert state["steps"] == 2 and np.allclose(state["queue"], [[chunks[3][2]]])  # mid-chunk
+
+
+def test_sparse_rewards_are_qcs():
+    dataset = window_dataset(6)
+    dataset["rewards"] = np.array([-2, -1, 0, -1, 0, -3], np.float32)
+    assert fql.to_device(dataset, "cpu", sparse=True)["rewards"].tolist() == [-1, -1, 0, -1, 0, -1]
+    assert fql.to_device(dataset, "cpu")["rewards"].tolist() == [-2, -1, 0, -1, 0, -3]
+    buffer = fql_eval.ReplayBuffer({k: v[:0] for k, v in fql.to_device(dataset, "cpu").items()}, 10, make_config())
+    collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=0, sparse=True)  # reward 1 a step
+    collector.step(lambda obs: np.ones((1, 1)), buffer)
+    assert buffer.data["rewards"][0] == -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -842,7 +1025,7 @@ def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys, monkeypatch)
     # the shapes and config of the compiled equivalence tests, whose compilations it reuses
     results = fql_eval.benchmark(make_config(**COMPILED, seeds=(0, 1, 2)), ((7,), 3), seconds=0.05)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("FQL training step, observation (7,), action 3, batch 256")
+    assert lines[0].startswith("FQL training step, observation (7,), action 3, horizon 1, batch 256")
     assert list(results) == [("eager", 1), ("eager", 3), ("compile", 1), ("compile", 3)]
     for rate, updates, adam_steps in results.values():  # warm-up, calibration and 3 timed rounds all ran
         assert adam_steps == 4 + 6 + 3 * updates and updates >= 10 and rate > 0
@@ -1030,11 +1213,12 @@ def test_videos_are_written(tmp_path):
 def test_replay_buffer_appends_samples_online_rows_and_restores():
     n = 10
     offline = dict(observations=torch.zeros(n, 3), next_observations=torch.zeros(n, 3), actions=torch.zeros(n, 2),
-                   rewards=torch.zeros(n), masks=torch.ones(n))
-    buffer = fql_eval.ReplayBuffer(offline, capacity=14)
+                   rewards=torch.zeros(n), masks=torch.ones(n), terminals=torch.zeros(n))
+    cfg = make_config()
+    buffer = fql_eval.ReplayBuffer(offline, capacity=14, cfg=cfg)
     for i in range(6):  # 4 fit after the offline rows; then, as in the official code, the oldest rows go
         buffer.add(dict(observations=np.full(3, i + 1.0), actions=np.ones(2), rewards=1.0, masks=1.0 - (i == 5),
-                        next_observations=np.full(3, i + 2.0)))
+                        terminals=0.0, next_observations=np.full(3, i + 2.0)))
     assert (buffer.count, buffer.pointer, float(buffer.size)) == (14, 2, 14.0)
     torch.testing.assert_close(buffer.data["observations"][[10, 11, 12, 13, 0, 1], 0],
                                torch.tensor([1.0, 2, 3, 4, 5, 6]))
@@ -1043,19 +1227,19 @@ def test_replay_buffer_appends_samples_online_rows_and_restores():
     assert abs(float(batch["rewards"].mean()) - 6 / 14) < 0.02  # uniform over all 14 rows
     assert torch.equal(batch["next_observations"][:, 0] - batch["observations"][:, 0], batch["rewards"])
 
-    restored = fql_eval.ReplayBuffer(offline, capacity=14)
+    restored = fql_eval.ReplayBuffer(offline, capacity=14, cfg=cfg)
     restored.load_state_dict(buffer.state_dict())
     assert (restored.count, restored.pointer, float(restored.size)) == (14, 2, 14.0)
     for k in offline:
         assert torch.equal(restored.data[k], buffer.data[k])
 
-    online = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4)
+    online = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4, cfg=cfg)
     for i in range(7):  # the online rows themselves wrap: the 4 latest stay
-        online.add(dict(observations=np.full(3, i + 1.0), actions=np.ones(2), rewards=1.0, masks=1.0,
+        online.add(dict(observations=np.full(3, i + 1.0), actions=np.ones(2), rewards=1.0, masks=1.0, terminals=0.0,
                         next_observations=np.ones(3)))
     assert (online.count, online.pointer, online.online_rows().tolist()) == (4, 3, [3, 0, 1, 2])
     assert online.data["observations"][online.online_rows(), 0].tolist() == [4, 5, 6, 7]  # oldest first
-    restored = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4)
+    restored = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4, cfg=cfg)
     restored.load_state_dict(online.state_dict())
     assert (restored.count, restored.pointer) == (4, 3)
     for k in offline:
@@ -1066,9 +1250,14 @@ def test_replay_buffer_appends_samples_online_rows_and_restores():
 
 class TerminatingEnv:
     """Observation = step count; reward 1 per step; terminated at step 2 with success, truncated at step 3
-    otherwise (the action's sign decides)."""
+    otherwise (the action's sign decides). Records the seeds of its resets."""
+    action_space = gymnasium.spaces.Box(-1, 1, (1,))
+
+    def __init__(self):
+        self.seeds = []
 
     def reset(self, seed=None):
+        self.seeds.append(seed)
         self.t = 0
         return np.zeros(2, np.float32), {}
 
@@ -1081,8 +1270,9 @@ class TerminatingEnv:
 
 def test_online_collector_masks_terminations_and_restarts_episodes():
     buffer = fql_eval.ReplayBuffer(dict(observations=torch.zeros(0, 2), next_observations=torch.zeros(0, 2),
-                                   actions=torch.zeros(0, 1), rewards=torch.zeros(0), masks=torch.zeros(0)), 10)
-    collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=0, reward_shift=-1.0)
+                                        actions=torch.zeros(0, 1), rewards=torch.zeros(0), masks=torch.zeros(0),
+                                        terminals=torch.zeros(0)), 10, make_config())
+    collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=100, reward_shift=-1.0)
     for _ in range(2):  # a terminated episode of 2 steps
         collector.step(lambda obs: np.ones((1, 1)), buffer)
     assert collector.last_episode == {"exploration/success": 1.0, "exploration/return": 2.0,
@@ -1092,6 +1282,8 @@ def test_online_collector_masks_terminations_and_restarts_episodes():
     assert collector.last_episode["exploration/length"] == 3 and collector.last_episode["exploration/success"] == 0
     rows = {k: v[:buffer.count] for k, v in buffer.data.items()}
     np.testing.assert_array_equal(rows["masks"], [1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(rows["terminals"], [0, 1, 0, 0, 1])  # the episodes' ends, truncation included
+    assert collector.env.seeds == [100, 102]  # each episode from seed + the online transitions before it
     np.testing.assert_array_equal(rows["rewards"], [0, 0, 0, 0, 0])  # shifted by -1, as D4RL antmaze online
     np.testing.assert_array_equal(rows["observations"][:, 0], [0, 1, 0, 1, 2])  # a fresh start after each end
     np.testing.assert_array_equal(rows["next_observations"][:, 0], [1, 2, 1, 2, 3])
@@ -1118,11 +1310,37 @@ def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_pat
     assert offline_size == 3 * 99  # the recorded dataset: 3 episodes of 100 steps, 99 transitions each
     assert [int(r["exploration/buffer_size"]) for r in rows[1:]] == [offline_size + k for k in (50, 100, 150, 200, 250)]
     assert rows[0]["exploration/buffer_size"] == ""  # offline rows have no exploration columns
-    # the first online episode ended at step 250; after the resume a new one started (the interrupted one is lost)
+    # the first online episode ended at step 250, 200 steps long
     assert float(rows[4]["exploration/length"]) == 200 and rows[4]["exploration/success"] in ("0.0", "1.0")
     assert all(math.isfinite(float(r["critic/critic_loss"])) for r in rows)
     for name, p in agent.nets.state_dict().items():  # the last checkpoint holds the finished agent
         assert torch.equal(state["nets"][name], p)
+
+
+@slow
+def test_finetuning_with_chunks_resumes_bit_identically_mid_chunk(cube_data, tmp_path, monkeypatch):
+    """QC-FQL fine-tuning (--horizon 5) killed in the middle of a chunk and of an episode resumes to the run
+    never killed: its episode replayed from its reset, the rest of its chunk run from the saved queue; the same
+    parameters, train.csv rows and online transitions. Its checkpoint then evaluates with eval.py."""
+    flags = ("--horizon", "5", "--offline_steps", "10", "--online_steps", "30", "--log_interval", "5",
+             "--save_interval", "7", "--batch_size", "16")
+    straight = run_cli(cube_data, tmp_path / "straight", *flags)
+    killed_after(monkeypatch, 19, fql_eval.OnlineCollector, "step")  # online step 19: chunk 4, its 4th action
+    with pytest.raises(SystemExit, match="the same command with --resume continues"):
+        run_cli(cube_data, tmp_path / "killed", *flags)
+    monkeypatch.undo()
+    state = fql.read_checkpoint(str(tmp_path / "killed" / "checkpoint.pt"))  # step 28: online step 18
+    assert state["step"] == 28 and state["buffer"]["collector"]["steps"] == 18
+    assert len(state["buffer"]["collector"]["queue"]) == 2  # actions 4 and 5 of the chunk still to run
+    resumed = run_cli(cube_data, tmp_path / "killed", *flags, "--resume")
+    for name, p in straight.params.items():
+        torch.testing.assert_close(resumed.params[name], p, rtol=0, atol=0, msg=name)
+    assert untimed_rows(tmp_path / "killed" / "train.csv") == untimed_rows(tmp_path / "straight" / "train.csv")
+    buffers = [fql.read_checkpoint(str(tmp_path / run / "checkpoint.pt"))["buffer"] for run in ("straight", "killed")]
+    for key, rows in buffers[0]["rows"].items():
+        assert torch.equal(rows, buffers[1]["rows"][key]), key
+    result = fql_eval.main(["--checkpoint", str(tmp_path / "killed"), "--episodes", "1", "--device", "cpu"])
+    assert result["length"] == 200 and result["step"] == 40
 
 
 @slow
@@ -1606,6 +1824,14 @@ def test_env_names_and_per_env_defaults():
         assert re.sub(r"-(play|navigate)-singletask", "-singletask", name) in gymnasium.registry, name
 
 
+def test_action_chunking_flags():
+    cfg = parse("--env", "ogbench-scene", "--horizon", "5", "--no-action-chunking", "--sparse")
+    assert (cfg.horizon, cfg.action_chunking, cfg.sparse, cfg.alpha) == (5, False, True, 300)
+    cfg = parse("--horizon", "5", "--no_action_chunking")
+    assert (cfg.horizon, cfg.action_chunking, cfg.sparse) == (5, False, False)
+    assert (parse().horizon, parse().action_chunking) == (1, True)  # plain FQL
+
+
 def test_flags_in_underscore_and_hyphen_spellings():
     cfg = parse("--offline_steps", "7", "--batch-size", "9", "--no-compile", "--actor_hidden_dims", "8", "8",
                 "--normalize_q_loss", "--run_dir", "x", "--device", "cpu")
@@ -1636,6 +1862,8 @@ def test_flags_in_underscore_and_hyphen_spellings():
     (("--seeds", "1", "1"), "--seeds has a seed twice: 1 1"),
     (("--seed", "2", "--seeds", "0", "1"), "give --seed N or --seeds N1 N2 ..., not both"),
     (("--seeds", "0", "1", "--online_steps", "5"), "--online_steps and --wandb_project take one seed"),
+    (("--horizon", "0"), "--horizon must be positive, got 0"),
+    (("--env", "ogbench-visual-cube-single", "--horizon", "5"), "--horizon > 1 are not supported on pixels"),
 ])
 def test_bad_input_gives_a_clear_error(flags, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
