@@ -226,16 +226,14 @@ class ImpalaEncoder(nn.Module):
     """The official IMPALA encoder: uint8 images (..., H, W, C) scaled to [0, 1], ResNet stacks,
     ReLU, Dense -> GELU."""
 
-    WIDTHS = {"impala_small": (16, 32, 32), "impala_debug": (4, 4)}  # of the stacks
-
-    def __init__(self, image_shape, kind, features=512):
+    def __init__(self, image_shape, kind):
         super().__init__()
         height, width, channels = image_shape
-        widths = self.WIDTHS[kind]
+        widths = {"impala_small": (16, 32, 32), "impala_debug": (4, 4)}[kind]  # of the stacks
         stacks = [ResnetStack(a, b) for a, b in zip((channels,) + widths, widths)]
         self.stacks = nn.Sequential(*stacks)
         flat = self.stacks(torch.zeros(1, channels, height, width)).numel()
-        self.head = Dense(flat, features)
+        self.head = Dense(flat, 512)  # features
         for conv in self.modules():  # flax's initialisation, as in the official code
             if isinstance(conv, nn.Conv2d):
                 nn.init.xavier_uniform_(conv.weight)
@@ -383,7 +381,6 @@ class FQLAgent:
         self.seed_nets = seed_nets
         self.nets = seed_nets[0]  # what torch.func.functional_call runs with each seed's params
         self.generators = generators
-        self.chunk_dim = self.nets.chunk_dim
         self.params = stack_parameters(seed_nets)
         self.critic_params = [p for k, p in self.params.items() if k.startswith("critic.")]
         self.target_params = [p for k, p in self.params.items() if k.startswith("target_critic.")]
@@ -423,7 +420,8 @@ class FQLAgent:
     def draw(self, sample):
         """(batch, noise) of one update, each seed's from its own generator."""
         batch = sample(self.cfg.batch_size, self.generators)
-        noise = draw_noise(self.cfg.batch_size, self.chunk_dim, self.cfg.device, self.generators)
+        noise = draw_noise(self.cfg.batch_size, self.nets.chunk_dim, self.cfg.device,
+                           self.generators)
         return batch, noise
 
     def train_step(self, sample, with_metrics=False):
@@ -440,7 +438,7 @@ class FQLAgent:
         """The stochastic policy on (seeds, ..., *observation) arrays: fresh z ~ N(0, I), drawn
         outside the compiled policy so that both act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
-        z_shape = (*obs.shape[: -len(self.nets.observation_shape)], self.chunk_dim)
+        z_shape = (*obs.shape[: -len(self.nets.observation_shape)], self.nets.chunk_dim)
         z = torch.randn(z_shape, device=obs.device)
         return self.policy(obs, z).cpu().numpy()
 
@@ -488,8 +486,7 @@ def make_agent(cfg, observation_shape, action_dim):
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         seed_nets.append(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device))
-        generator_seed = int(torch.randint(2**62, ()))
-        generators.append(torch.Generator(cfg.device).manual_seed(generator_seed))
+        generators.append(torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ()))))
     return FQLAgent(seed_nets, cfg, generators)
 
 
@@ -776,9 +773,10 @@ def sample_batch(data, batch_size, generators=(None,), p_aug=None, cfg=None):
     > 1, windows of that many rows (`gather`). Pixels: the frames are stacked along the channels,
     oldest first, then randomly shifted with probability p_aug."""
     rows = len(data["actions"]) - (cfg.horizon - 1 if cfg else 0)  # where a window can start
-    device = data["actions"].device
-    idx = torch.stack([torch.randint(rows, (batch_size,), device=device, generator=g)
-                       for g in generators])
+    idx = torch.stack([
+        torch.randint(rows, (batch_size,), device=data["actions"].device, generator=g)
+        for g in generators
+    ])
     batch = gather(data, idx, cfg)
     if "frames" in data:
         frames = data["frames"][batch.pop("frame_rows")]  # (seeds, batch, frame_stack + 1, H, W, C)
@@ -843,7 +841,7 @@ def stacked_shape(data):
 # spelled another way)
 RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", "eval_interval",
                      "eval_episodes", "run_dir", "save_interval", "device", "compile", "cuda_graph",
-                     "wandb_project", "dataset_dir", "benchmark"}
+                     "wandb_project", "dataset_dir"}
 
 
 def save_checkpoints(agent, step, runs, online_state=None):
@@ -892,8 +890,10 @@ def read_checkpoint(path):
         config = Config(**state["config"])  # a field this fql.py does not have: TypeError
         missing = {"optimizer", "rng", "step", "buffer"} - state.keys()
         missing |= dataclasses.asdict(config).keys() - state["config"].keys()
+        missing -= {"horizon", "action_chunking", "sparse"}  # added since: defaults as before
         if missing:
             raise KeyError(", ".join(sorted(missing)))
+        state["config"] = dataclasses.asdict(config)
         with torch.device("meta"):  # shapes only, no memory
             nets = FQLNetworks(state["observation_shape"], state["action_dim"], config)
         nets.load_state_dict(state["nets"], assign=True)
@@ -985,7 +985,7 @@ class RunLog:
         """An eval.csv row per seed."""
         rows = [{f"evaluation/{k}": v for k, v in result.items()} for result in results]
         self.write("eval.csv", step, rows)
-        successes = " ".join(format(result["success"], ".3f") for result in results)
+        successes = " ".join(f"{result['success']:.3f}" for result in results)
         self.progress.write(f"step {step}: success {successes}")
         self.timer = (time.time(), self.timer[1])
 

@@ -366,7 +366,7 @@ def test_a_group_with_horizon_5_equals_its_seeds_alone():
     sample = functools.partial(fql.sample_batch, data, cfg=cfg)
     group = fql.make_agent(cfg, (2,), 3)
     singles = [fql.make_agent(run, (2,), 3) for run in fql.seed_runs(cfg)]
-    assert group.chunk_dim == 15
+    assert group.nets.chunk_dim == 15
     for _ in range(5):
         got = group.train_step(sample, with_metrics=True)
         for k, single in enumerate(singles):
@@ -904,17 +904,23 @@ def test_unreadable_checkpoints_give_one_line_and_change_nothing(cube_data, tmp_
 
 
 def test_a_checkpoint_of_the_earlier_format_resumes_bit_identically(cube_data, tmp_path):
-    """Checkpoints written before the numpy random state was kept as a list hold it as a numpy array: read as
-    data with exactly the numpy types that array needs, such a run resumes as if never stopped."""
+    """Checkpoints of the earlier release hold the numpy random state as a numpy array and have no chunking
+    fields: read as data with exactly the numpy types that array needs, and the new fields at their defaults,
+    such a run resumes as if never stopped, and a command that changes a new field is refused."""
     flags = ("--log_interval", "10", "--save_interval", "10", "--batch_size", "32")
     straight = run_cli(cube_data, tmp_path / "straight", "--offline_steps", "20", *flags)
     run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "10", *flags)
     path = tmp_path / "resumed" / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True)  # made into what the earlier fql.py wrote:
     name, keys, *rest = state["rng"]["numpy"]
     state["rng"]["numpy"] = (name, np.array(keys, dtype=np.uint32), *rest)  # as np.random.get_state() gives it
+    state["rng"]["cuda"] = None  # without a GPU
+    for field in ("horizon", "action_chunking", "sparse"):  # fields it did not have
+        del state["config"][field]
     torch.save(state, path)
     assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(path)  # the earlier format
+    with pytest.raises(SystemExit, match="differs from the run in .* in horizon"):
+        run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "20", *flags, "--resume", "--horizon", "5")
     resumed = run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "20", *flags, "--resume")
     for (name, p), q in zip(straight.nets.state_dict().items(), resumed.nets.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
