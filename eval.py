@@ -752,8 +752,7 @@ class EvalArgs:
     seed: int = 0
     """episode i starts from env.reset(seed=seed + i)"""
     env: str | None = None
-    """evaluate on another env with the same observation and action shapes (default: the
-    checkpoint's)"""
+    """evaluate on another env of the same observation and action shapes (default: the run's)"""
     video_episodes: int = 0
     """also render this many episodes to mp4 files in <run>/videos"""
     frame_skip: int = 2

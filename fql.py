@@ -39,13 +39,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from torch import nn
-from tqdm import tqdm
-
-# `python fql.py` runs this file as the module __main__; eval.py's `import fql` must get this same
-# module, not a second copy of it (whose UsageError `main` would not catch)
-sys.modules.setdefault("fql", sys.modules[__name__])
 
 
 class UsageError(ValueError):
@@ -61,8 +55,7 @@ class Config:
     discount: float | None = None
     """discount factor; default: 0.995 for antmaze-giant, humanoidmaze and antsoccer, else 0.99"""
     q_agg: Literal["mean", "min"] | None = None
-    """how the TD target takes the two critic members; default: min for antmaze-large/giant and
-    Adroit, else mean"""
+    """how the target takes the 2 critic members; default: min for antmaze-large/giant, Adroit"""
     normalize_q_loss: bool = False
     """scale the Q term by 1 / mean|Q| (the official README suggests it for new tasks)"""
     tau: float = 0.005
@@ -74,9 +67,7 @@ class Config:
     flow_steps: int = 10
     """Euler steps when integrating the BC flow"""
     horizon: int = 1
-    """action chunking (QC-FQL, Li, Zhou, Levine 2025): the policies emit chunks of this many
-    actions, run open-loop, the critic scores a chunk and its target bootstraps this many steps
-    ahead; 1: plain FQL"""
+    """QC-FQL: the policies emit chunks of this many actions, the target looks as far (1: FQL)"""
     action_chunking: bool = True
     """with --horizon > 1; --no_action_chunking: QC's FQL-n, one action and the n-step target"""
     sparse: bool = False
@@ -86,33 +77,25 @@ class Config:
     value_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
     """hidden layer widths of each critic member"""
     encoder: Literal["impala_small", "impala_debug"] | None = None
-    """image encoder of each network; default: impala_small for visual-* envs (impala_debug: tiny,
-    for CPU checks)"""
+    """image encoder; default: impala_small for visual-* (impala_debug: tiny, for CPU tests)"""
     frame_stack: int | None = None
-    """pixel observations stack this many latest frames along the channels; default: 3 for
-    visual-* envs"""
+    """pixel observations stack this many latest frames; default: 3 for visual-* envs"""
     p_aug: float | None = None
-    """probability that a batch of pixel observations is randomly shifted (pad 3, crop); default:
-    0.5 for visual-* envs"""
+    """probability of random shifts (pad 3, crop) on a pixel batch; default: 0.5 for visual-*"""
 
     # The run
     env: str = "ogbench-cube-single"
-    """ogbench-<env>[-task<N>], an OGBench name (cube-single-play-singletask-task2-v0),
-    d4rl-<dataset> or a D4RL name"""
+    """ogbench-<env>[-task<N>], cube-single-play-singletask-task2-v0, d4rl-<dataset>, ..."""
     seed: int | None = None
-    """seed of the networks, batches, noise and evaluation episodes; the same as --seeds N
-    (default 0)"""
+    """seed of networks, batches, noise and evaluation episodes (default 0); = --seeds N"""
     seeds: tuple[int, ...] | None = None
-    """one independent agent per seed, trained as one batched computation; each equals its
-    --seed N run alone"""
+    """one agent per seed, trained as one batched computation; each as its --seed N alone"""
     offline_steps: int | None = None
-    """gradient steps on the offline dataset; default: 500K for D4RL and pixels (as the paper),
-    else 1M"""
+    """gradient steps on the offline data; default: 500K for D4RL and pixels, else 1M"""
     online_steps: int = 0
     """environment steps of online fine-tuning after the offline steps, one update per step"""
     buffer_size: int = 2_000_000
-    """replay buffer capacity for fine-tuning (the offline data counts unless
-    --balanced_sampling)"""
+    """fine-tuning's replay buffer capacity (with the offline data, unless balanced)"""
     balanced_sampling: bool = False
     """fine-tuning batches: half from the offline dataset, half from the online transitions"""
     log_interval: int = 5_000
@@ -126,8 +109,7 @@ class Config:
     dataset_dir: str = "~/.ogbench/data"
     """where the OGBench .npz files are (downloaded there when missing and online)"""
     run_dir: str | None = None
-    """folder of train.csv, eval.csv, checkpoint.pt; default: runs/<env>__seed<seed>; a group:
-    <run_dir>/seed<seed>"""
+    """where train.csv, eval.csv, checkpoint.pt go; default runs/<env>__seed<seed>"""
     device: str = "auto"
     """torch device; auto: cuda when available, else cpu"""
     compile: bool = True
@@ -139,15 +121,15 @@ class Config:
     wandb_project: str | None = None
     """also log to this Weights & Biases project (needs `pip install wandb`)"""
     benchmark: bool = False
-    """print the training step's updates/s in each mode, one seed and the --seeds group, on
-    random data; then exit"""
+    """print the training step's updates/s in each mode, one seed and --seeds; then exit"""
 
 
 # ---- Networks ------------------------------------------------------------------------------------
 class Dense(nn.Module):
-    """flax's Dense: x @ weight + bias, weight (in, out), Xavier-uniform as the official code.
-    With `members`, that many independent layers as one batched matmul. In flax's (in, out) layout
-    the weight's gradient x^T g comes in the weight's own layout, so autograd never copies it."""
+    """flax's Dense: x @ weight + bias, weight (in, out), Xavier-uniform as the official code (not
+    nn.Linear's init). With `members`, that many independent layers as one batched matmul. In
+    flax's (in, out) layout the weight's gradient x^T g comes in the weight's own layout, so
+    autograd never copies it (nn.Linear's (out, in) weight gets a transposed one under vmap)."""
 
     def __init__(self, in_dim, out_dim, members=None):
         super().__init__()
@@ -212,11 +194,12 @@ class ResnetStack(nn.Module):
             nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
         )
-        self.blocks = nn.ModuleList([block])  # the official small encoder has one block a stack
+        # the official small encoder has one block a stack; a list, as the checkpoints' keys name it
+        self.blocks = nn.ModuleList([block])
 
     def forward(self, x):
         x = self.conv(x)
-        # flax's 'SAME' max-pool: the one extra padding row/column goes after (bottom/right)
+        # flax's 'SAME' max-pool: padding after (bottom/right), and before too for an odd size
         padding = (x.shape[-1] % 2, 1, x.shape[-2] % 2, 1)
         x = F.max_pool2d(F.pad(x, padding, value=-math.inf), 3, stride=2)
         return x + self.blocks[0](x)
@@ -256,22 +239,22 @@ class FQLNetworks(nn.Module):
         self.action_dim = action_dim  # the environment's
         # what the networks take and emit: a chunk of actions, time-major (one action: FQL, FQL-n)
         self.chunk_dim = action_dim * (cfg.horizon if cfg.action_chunking else 1)
-        action_dim = self.chunk_dim
+        chunk = self.chunk_dim
         dim = 512 if cfg.encoder else observation_shape[0]  # encoded features, or the state vector
         encoders = [ImpalaEncoder(observation_shape, cfg.encoder) if cfg.encoder else nn.Identity()
                     for _ in range(3)]
         # Q(s, a): two members
-        self.critic = MLP(dim + action_dim, cfg.value_hidden_dims, 1, encoders[0], members=2)
+        self.critic = MLP(dim + chunk, cfg.value_hidden_dims, 1, encoders[0], members=2)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         # v(s, x_t, t): t enters as a raw scalar column, as in the official code
-        self.actor_bc_flow = MLP(dim + action_dim + 1, cfg.actor_hidden_dims, action_dim,
-                                 encoders[1])
+        self.actor_bc_flow = MLP(dim + chunk + 1, cfg.actor_hidden_dims, chunk, encoders[1])
         # mu(s, z): one network call maps noise to an action
-        self.actor_onestep = MLP(dim + action_dim, cfg.actor_hidden_dims, action_dim, encoders[2])
+        self.actor_onestep = MLP(dim + chunk, cfg.actor_hidden_dims, chunk, encoders[2])
 
     def forward(self, batch, noise, cfg, with_metrics=False):
-        """fql_losses of these networks: what torch.func.functional_call runs with a seed's
-        parameters."""
+        """fql_losses of these networks. The losses are this module's forward because
+        torch.func.functional_call, which the agent maps over the seeds with torch.vmap, calls a
+        module's forward with the parameters it is given (a seed's)."""
         return fql_losses(self, batch, noise, cfg, with_metrics)
 
 
@@ -286,29 +269,31 @@ def flow_actions(actor_bc_flow, obs, noise, steps):
     return x.clamp(-1, 1)
 
 
-def draw_noise(batch_size, action_dim, device, generators=(None,)):
-    """Every random draw of one update, one per generator (a seed's) along a leading seed
-    dimension, in one place so that tests can fix them."""
-    draws = [(torch.randn((3, batch_size, action_dim), device=device, generator=g),
+def draw_noise(batch_size, chunk_dim, device, generators=(None,)):
+    """The losses' noise for one update (the batch's rows are drawn by the sampler), a draw per
+    generator (a seed's) along a leading seed dimension, in one place so that tests can fix it.
+    `chunk_dim`: what the networks emit (FQLNetworks.chunk_dim; the action size without chunks)."""
+    # the three Gaussians of a seed in one call: fewer kernels than three calls
+    draws = [(torch.randn((3, batch_size, chunk_dim), device=device, generator=g),
               torch.rand((batch_size, 1), device=device, generator=g)) for g in generators]
-    normal = torch.stack([normals for normals, _ in draws], dim=1)  # (3, seeds, batch, action)
+    gaussians = torch.stack([three for three, _ in draws], dim=1)  # (3, seeds, batch, chunk)
     return dict(
-        x0=normal[0],  # BC flow: the source sample
+        x0=gaussians[0],  # BC flow: the source sample
         t=torch.stack([t for _, t in draws]),  # BC flow: the time, per sample
-        z=normal[1],  # the one-step policy's noise for distillation and the Q term
-        z_next=normal[2],  # the one-step policy's noise for the next actions a'
+        z=gaussians[1],  # the one-step policy's noise for distillation and the Q term
+        z_next=gaussians[2],  # the one-step policy's noise for the next actions a'
     )
 
 
 def fql_losses(nets, batch, noise, cfg, with_metrics=False):
-    """(critic loss + actor loss, metrics with the official keys, at log steps only) of one agent.
-    All randomness comes in `noise`."""
+    """The scalar to minimise for one agent, L_Q(phi) + L_Flow(theta) + L_pi(omega), and its
+    metrics with the official keys ({} unless with_metrics). All randomness comes in `noise`."""
     obs = batch["observations"]
     actions = batch["actions"]
     next_obs = batch["next_observations"]
 
-    # Critic, L_Q(phi): TD target from the target critic at a' = clip(mu(s', z')). With action
-    # chunks (QC), s' is s_{t+H}, the reward the window's discounted sum: discount^H bootstraps
+    # Critic, L_Q(phi): TD target r + discount * mask * Q_target(s', a'), a' = clip(mu(s', z')).
+    # With QC's windows of H steps: r = sum_i discount^i r_{t+i}, s' = s_{t+H}, and discount^H
     with torch.no_grad():
         next_actions = nets.actor_onestep(next_obs, noise["z_next"]).clamp(-1, 1)
         next_qs = nets.target_critic(next_obs, next_actions)
@@ -316,6 +301,11 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
         target_q = batch["rewards"] + cfg.discount**cfg.horizon * batch["masks"] * next_q
     q = nets.critic(obs, actions)
     critic_errors = (q - target_q).pow(2)
+    # QC's windows: a step after an episode's end in the window counts as a zero (still in the mean)
+    windows = "valid" in batch
+    if windows:
+        critic_errors = critic_errors * batch["valid"][..., -1]
+    critic_loss = critic_errors.mean()
 
     # BC flow matching, L_Flow(theta): regress the velocity x_1 - x_0 at x_t = (1 - t) x_0 + t x_1
     x0 = noise["x0"]
@@ -323,11 +313,8 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
     t = noise["t"]
     x_t = (1 - t) * x0 + t * x1
     bc_errors = (nets.actor_bc_flow(obs, x_t, t) - (x1 - x0)).pow(2)
-    if "valid" in batch:  # windows (QC): steps after an episode's end in the window count as zeros
-        critic_errors = critic_errors * batch["valid"][..., -1]
-        if cfg.action_chunking:  # each step of the chunk weighted by its own validity
-            bc_errors = bc_errors.unflatten(-1, (cfg.horizon, -1)) * batch["valid"][..., None]
-    critic_loss = critic_errors.mean()
+    if windows and cfg.action_chunking:  # each step of the chunk weighted by its own validity
+        bc_errors = bc_errors.unflatten(-1, (cfg.horizon, -1)) * batch["valid"][..., None]
     bc_flow_loss = bc_errors.mean()
 
     # One-step distillation, L_Distill(omega): match the BC flow's action for the same noise,
@@ -337,9 +324,9 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
     onestep_actions = nets.actor_onestep(obs, noise["z"])
     distill_loss = (onestep_actions - target_flow_actions).pow(2).mean()
 
-    # Q term of the one-step policy loss L_pi(omega): maximise Q at the clipped one-step action.
-    # The critic's weights are detached, so gradients reach the actions but never the critic
-    # (the official code leaves out the critic's `grad_params` here)
+    # Q term of the one-step policy loss L_pi(omega) = alpha L_Distill - Q: maximise Q at the
+    # clipped one-step action. The critic's weights (its encoder's too) are detached, not run under
+    # no_grad: the gradient must reach the actions, and so mu, but never the critic, as officially
     policy_actions = onestep_actions.clamp(-1, 1)
     frozen_critic = {name: p.detach() for name, p in nets.critic.named_parameters()}
     policy_qs = torch.func.functional_call(nets.critic, frozen_critic, (obs, policy_actions))
@@ -348,6 +335,7 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
     if cfg.normalize_q_loss:
         q_loss = q_loss / policy_q.abs().mean().detach()
 
+    # the official keys: actor_loss = L_Flow(theta) + L_pi(omega), q_loss = its -Q term
     actor_loss = bc_flow_loss + cfg.alpha * distill_loss + q_loss
     if not with_metrics:
         return critic_loss + actor_loss, {}
@@ -367,7 +355,7 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
     return critic_loss + actor_loss, {k: v.detach() for k, v in metrics.items()}
 
 
-# ---- Agent: one Adam step on the summed loss, then the Polyak target update ----------------------
+# ---- Agent: one Adam step on the summed loss, and the Polyak target update -----------------------
 # An agent trains one or more seeds as one batched computation. Each parameter is stored once for
 # all seeds, stacked along a leading seed dimension, and torch.vmap maps fql_losses (written for
 # one agent) over it; one Adam and, on CUDA, one CUDA graph update every seed. Adam, the Polyak
@@ -379,9 +367,11 @@ class FQLAgent:
     def __init__(self, seed_nets, cfg, generators):
         self.cfg = cfg
         self.seed_nets = seed_nets
-        self.nets = seed_nets[0]  # what torch.func.functional_call runs with each seed's params
+        # seed 0's networks: the module torch.func.functional_call runs with each seed's parameters
+        self.nets = seed_nets[0]
         self.generators = generators
         self.params = stack_parameters(seed_nets)
+        # the target's parameters in the critic's order (one a deep copy of the other), for the lerp
         self.critic_params = [p for k, p in self.params.items() if k.startswith("critic.")]
         self.target_params = [p for k, p in self.params.items() if k.startswith("target_critic.")]
         trained = [p for p in self.params.values() if p.requires_grad]
@@ -407,7 +397,9 @@ class FQLAgent:
         return losses.sum(), metrics
 
     def update(self, batch, noise, with_metrics=False):
-        """Algorithm 1's step: one gradient step on all losses, then the target update."""
+        """Algorithm 1's step: one gradient step on all losses and the target update. The target
+        moves towards the critic from before this step (a one-step lag, as the official code,
+        where Algorithm 1 lists the target update last)."""
         loss, metrics = self.losses(batch, noise, with_metrics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -435,8 +427,9 @@ class FQLAgent:
 
     @torch.no_grad()
     def act(self, observations):
-        """The stochastic policy on (seeds, ..., *observation) arrays: fresh z ~ N(0, I), drawn
-        outside the compiled policy so that both act alike."""
+        """The stochastic policy on (seeds, ..., *observation) arrays: fresh z ~ N(0, I) from the
+        global torch generator (not the seeds' training streams), drawn outside the compiled policy
+        so that the compiled and the eager policy act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
         z_shape = (*obs.shape[: -len(self.nets.observation_shape)], self.nets.chunk_dim)
         z = torch.randn(z_shape, device=obs.device)
@@ -445,7 +438,8 @@ class FQLAgent:
     def state_dict(self, seed_index=0):
         """One seed's networks and Adam state, as a one-seed agent's (copies: a view would save the
         whole group's storage)."""
-        optimizer = self.optimizer.state_dict()  # its "state" holds Adam's own dicts: not changed
+        # a new dict of copies: the dicts in optimizer.state_dict()["state"] are Adam's live ones
+        optimizer = self.optimizer.state_dict()
         optimizer["state"] = {
             i: {k: (v if k == "step" else v[seed_index]).clone() for k, v in state.items()}
             for i, state in optimizer["state"].items()
@@ -468,7 +462,9 @@ class FQLAgent:
 
 def stack_parameters(seed_nets):
     """{name: the seeds' parameters stacked}; each seed's module then holds views of its slice, so
-    it always shows the current values."""
+    it always shows the current values. (Moving or casting a seed's module afterwards, .to() or
+    .double(), would part it from the stacked tensors the optimiser trains: build the networks
+    where and as they will train, as make_agent does.)"""
     params, _ = torch.func.stack_module_state(seed_nets)
     for name, stacked in params.items():
         module_name, _, param_name = name.rpartition(".")
@@ -963,6 +959,8 @@ class RunLog:
     def __init__(self, cfg, runs, start, total_steps):
         self.files = {name: [CSVLog(os.path.join(run.run_dir, name), start) for run in runs]
                       for name in ("train.csv", "eval.csv")}
+        from tqdm import tqdm
+
         self.wandb = None
         if cfg.wandb_project:
             try:
@@ -1099,6 +1097,8 @@ def train(cfg, evaluate=None, finetuning=None):
 
 # ---- Command line --------------------------------------------------------------------------------
 def main(argv=None):
+    import tyro
+
     cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.split("\n")[0])
     try:
         cfg = resolve_config(cfg)
@@ -1121,4 +1121,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # `python fql.py` runs this file as the module __main__; eval.py's `import fql` must get this
+    # same module, not a second copy of it (whose UsageError `main` would not catch)
+    sys.modules["fql"] = sys.modules["__main__"]
     main()

@@ -20,6 +20,7 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
+import tyro
 from torch import nn
 
 import eval as fql_eval
@@ -160,9 +161,8 @@ def float64_setup(**cfg_overrides):
 # ----------------------------------------------------------------------------------------------
 # Losses and gradients
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("q_agg,normalize_q_loss", [("mean", False), ("min", False), ("mean", True)])
-def test_losses_equal_direct_formulas(q_agg, normalize_q_loss):
-    cfg, nets, batch, noise = float64_setup(q_agg=q_agg, normalize_q_loss=normalize_q_loss)
+def assert_losses_are(nets, batch, noise, cfg) -> dict:
+    """fql_losses equal the direct formulas (manual_losses) term by term, in float64; returns those."""
     total, metrics = fql.fql_losses(nets, batch, noise, cfg, with_metrics=True)
     expected = manual_losses(nets, batch, noise, cfg)
     close = dict(rtol=1e-10, atol=1e-12)
@@ -173,6 +173,13 @@ def test_losses_equal_direct_formulas(q_agg, normalize_q_loss):
     torch.testing.assert_close(metrics["actor/q"], expected["q"], **close)
     torch.testing.assert_close(total, expected["total"], **close)
     torch.testing.assert_close(metrics["actor/actor_loss"], expected["total"] - expected["critic"], **close)
+    return expected
+
+
+@pytest.mark.parametrize("q_agg,normalize_q_loss", [("mean", False), ("min", False), ("mean", True)])
+def test_losses_equal_direct_formulas(q_agg, normalize_q_loss):
+    cfg, nets, batch, noise = float64_setup(q_agg=q_agg, normalize_q_loss=normalize_q_loss)
+    expected = assert_losses_are(nets, batch, noise, cfg)
     assert expected["distill"].item() > 0 and expected["critic"].item() > 0  # the check is not vacuous
     assert nets.actor_onestep(batch["observations"], noise["z"]).abs().max() > 1  # clipping is exercised
 
@@ -348,13 +355,7 @@ def test_chunked_losses_equal_direct_formulas(chunking):
     batch["valid"] = (torch.rand(64, 3, generator=torch.Generator().manual_seed(1)) > 0.3).double().cummin(1).values
     batch["valid"][:, 0] = 1
     noise = fixed_noise(64, nets.chunk_dim, torch.float64)
-    total, metrics = fql.fql_losses(nets, batch, noise, cfg, with_metrics=True)
-    expected = manual_losses(nets, batch, noise, cfg)
-    close = dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(metrics["critic/critic_loss"], expected["critic"], **close)
-    torch.testing.assert_close(metrics["actor/bc_flow_loss"], expected["bc"], **close)
-    torch.testing.assert_close(metrics["actor/distill_loss"], expected["distill"], **close)
-    torch.testing.assert_close(total, expected["total"], **close)
+    expected = assert_losses_are(nets, batch, noise, cfg)
     unweighted = manual_losses(nets, {**batch, "valid": torch.ones_like(batch["valid"])}, noise, cfg)
     assert not torch.isclose(unweighted["critic"], expected["critic"])  # the weights matter here
     assert chunking != bool(torch.isclose(unweighted["bc"], expected["bc"]))  # FQL-n: BC unweighted
@@ -1803,7 +1804,7 @@ def test_visual_training_run(visual_data, tmp_path):
 # CLI and bad input
 # ----------------------------------------------------------------------------------------------
 def parse(*args) -> fql.Config:
-    return fql.resolve_config(fql.tyro.cli(fql.Config, args=list(args), use_underscores=True))
+    return fql.resolve_config(tyro.cli(fql.Config, args=list(args), use_underscores=True))
 
 
 def test_env_names_and_per_env_defaults():
