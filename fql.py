@@ -286,24 +286,21 @@ def draw_noise(batch_size, chunk_dim, device, generators=(None,)):
 
 
 def fql_losses(nets, batch, noise, cfg, with_metrics=False):
-    """The scalar to minimise for one agent, L_Q(phi) + L_Flow(theta) + L_pi(omega), and its
-    metrics with the official keys ({} unless with_metrics). All randomness comes in `noise`."""
+    """One agent's L_Q(phi) + L_Flow(theta) + L_pi(omega), to minimise, and the official metrics
+    ({} unless with_metrics). All randomness comes in `noise`."""
     obs = batch["observations"]
     actions = batch["actions"]
-    next_obs = batch["next_observations"]
 
     # Critic, L_Q(phi): TD target r + discount * mask * Q_target(s', a'), a' = clip(mu(s', z')).
     # With QC's windows of H steps: r = sum_i discount^i r_{t+i}, s' = s_{t+H}, and discount^H
     with torch.no_grad():
-        next_actions = nets.actor_onestep(next_obs, noise["z_next"]).clamp(-1, 1)
-        next_qs = nets.target_critic(next_obs, next_actions)
+        next_actions = nets.actor_onestep(batch["next_observations"], noise["z_next"]).clamp(-1, 1)
+        next_qs = nets.target_critic(batch["next_observations"], next_actions)
         next_q = next_qs.min(dim=0).values if cfg.q_agg == "min" else next_qs.mean(dim=0)
         target_q = batch["rewards"] + cfg.discount**cfg.horizon * batch["masks"] * next_q
     q = nets.critic(obs, actions)
     critic_errors = (q - target_q).pow(2)
-    # QC's windows: a step after an episode's end in the window counts as a zero (still in the mean)
-    windows = "valid" in batch
-    if windows:
+    if "valid" in batch:  # QC's windows: steps after an episode's end count as zeros in the mean
         critic_errors = critic_errors * batch["valid"][..., -1]
     critic_loss = critic_errors.mean()
 
@@ -313,12 +310,11 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
     t = noise["t"]
     x_t = (1 - t) * x0 + t * x1
     bc_errors = (nets.actor_bc_flow(obs, x_t, t) - (x1 - x0)).pow(2)
-    if windows and cfg.action_chunking:  # each step of the chunk weighted by its own validity
+    if "valid" in batch and cfg.action_chunking:  # each step of a chunk by its own validity
         bc_errors = bc_errors.unflatten(-1, (cfg.horizon, -1)) * batch["valid"][..., None]
     bc_flow_loss = bc_errors.mean()
 
-    # One-step distillation, L_Distill(omega): match the BC flow's action for the same noise,
-    # with no gradient into the flow
+    # One-step distillation, L_Distill(omega): the BC flow's action for the same noise, no gradient
     with torch.no_grad():
         target_flow_actions = flow_actions(nets.actor_bc_flow, obs, noise["z"], cfg.flow_steps)
     onestep_actions = nets.actor_onestep(obs, noise["z"])
@@ -341,14 +337,10 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
         return critic_loss + actor_loss, {}
     metrics = {
         "critic/critic_loss": critic_loss,
-        "critic/q_mean": q.mean(),
-        "critic/q_max": q.max(),
-        "critic/q_min": q.min(),
+        "critic/q_mean": q.mean(), "critic/q_max": q.max(), "critic/q_min": q.min(),
         "actor/actor_loss": actor_loss,
-        "actor/bc_flow_loss": bc_flow_loss,
-        "actor/distill_loss": distill_loss,
-        "actor/q_loss": q_loss,
-        "actor/q": policy_q.mean(),
+        "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
+        "actor/q_loss": q_loss, "actor/q": policy_q.mean(),
         # the official code draws other noise for this diagnostic; the same z is as good a sample
         "actor/mse": (policy_actions - actions).pow(2).mean(),
     }
