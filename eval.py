@@ -13,7 +13,6 @@ its --benchmark (`benchmark`).
 """
 import contextlib
 import csv
-import ctypes.util
 import dataclasses
 import functools
 import io
@@ -21,36 +20,29 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
 
-# headless rendering where EGL is installed; set before MuJoCo loads
-if ctypes.util.find_library("EGL"):
-    os.environ.setdefault("MUJOCO_GL", "egl")
+import fql
+from fql import UsageError
+
+fql.quiet_simulators()  # before MuJoCo loads
 import gymnasium  # noqa: E402
 import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
-import torch  # noqa: E402
-import tyro  # noqa: E402
 from ogbench.locomaze.maze import make_maze_env  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import fql  # noqa: E402
-from fql import UsageError  # noqa: E402
 
 # A policy maps observations with a leading seed dimension, (seeds, ..., *observation), to actions
 # in [-1, 1], (seeds, ..., action): FQLAgent.act
 Policy = Callable[[np.ndarray], np.ndarray]
-
-
-# OGBench's environments build spaces with float64 bounds, at creation and at each reset, and
-# gymnasium warns that it casts them to float32: nothing a user can act on, so only that is silenced
-warnings.filterwarnings("ignore", ".*precision lowered by casting", UserWarning)
 
 
 # ---- Environments --------------------------------------------------------------------------------
@@ -74,8 +66,25 @@ def make_vector_env(env_name, num_envs, frame_stack=None):
     one server process that imports torch, MuJoCo and OGBench once, instead of each (seconds
     apiece)."""
     multiprocessing.set_forkserver_preload(["eval"])
-    make = functools.partial(make_env, env_name, frame_stack)
+    make = functools.partial(make_worker_env, env_name, frame_stack)
     return gymnasium.vector.AsyncVectorEnv([make] * num_envs, context="forkserver")
+
+
+def make_worker_env(env_name, frame_stack):
+    """make_env for a worker process, which ignores SIGTERM: a cluster sends it to every process of a
+    job, and the main process finishes the step it is in (an evaluation, say) before it stops.
+    (gymnasium also makes one in the main process, to read the spaces.)"""
+    if multiprocessing.parent_process():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return make_env(env_name, frame_stack)
+
+
+def close_vector_env(vector_env, error):
+    """After an error, Ctrl-C or SIGTERM the workers are killed, not waited for."""
+    if error:
+        for worker in vector_env.processes:
+            worker.kill()
+    vector_env.close(terminate=error)
 
 
 def env_shapes(env_name):
@@ -324,8 +333,8 @@ class Evaluator:
         return self
 
     def __exit__(self, error_type, *_):
-        if self.vector_env is not None:  # after an error or Ctrl-C, the workers are ended
-            self.vector_env.close(terminate=error_type is not None)
+        if self.vector_env is not None:
+            close_vector_env(self.vector_env, error_type is not None)
 
 
 def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame_stack=None):
@@ -612,6 +621,9 @@ def plot_runs(run_dirs, output):
     for ax in axes:
         handles, names = ax.get_legend_handles_labels()
         labels.update(zip(names, handles))
+    if not labels:
+        plt.close(fig)
+        raise UsageError("nothing to plot yet: these runs have no rows in train.csv or eval.csv")
     fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 3),
                fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
@@ -822,8 +834,8 @@ def run_evaluation(args):
     try:
         with tqdm(total=args.episodes, unit="episode") as progress:
             (result,) = evaluate(agent.act, vector_env, args.episodes, [args.seed], progress)
-    finally:  # after an error or Ctrl-C, the workers are ended, not waited for
-        vector_env.close(terminate=sys.exc_info()[0] is not None)
+    finally:
+        close_vector_env(vector_env, sys.exc_info()[0] is not None)
     result = dict(with_score(env_name, result), env=env_name, episodes=args.episodes,
                   seed=args.seed, step=state["step"], checkpoint=path)
     run_dir = os.path.dirname(path)

@@ -23,15 +23,18 @@ the training loop and `main`. eval.py (environments, evaluation, fine-tuning) bu
 """
 import copy
 import csv
+import ctypes.util
 import dataclasses
 import functools
 import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# torch.compile imports a module of torch's own that uses torch.jit.script_method, which warns that it
+# is deprecated: nothing a user of this file can act on
+warnings.filterwarnings("ignore", ".*torch.jit.script_method", DeprecationWarning)
 
 class UsageError(ValueError):
     """Bad input, or a run that cannot go on: reported as one line, without a traceback."""
@@ -576,6 +582,7 @@ def resolve_env(name):
         for dataset, _, alpha, extra in ENVS.values():
             if dataset == f"{full[1]}-{full[2]}":
                 return name, dict(alpha=alpha, **extra)
+        quiet_simulators()
         import gymnasium
         import ogbench  # noqa: F401  (registers OGBench's environments with gymnasium)
 
@@ -646,6 +653,17 @@ def resolve_config(cfg):
 
 
 # ---- Datasets: OGBench and D4RL, moved to the device once; batches are sampled there -------------
+def quiet_simulators():
+    """Call before MuJoCo loads: it renders through EGL where EGL is installed (else, without a
+    display, it tries GLFW and warns). gymnasium's warnings about OGBench's environments, which no
+    user can act on, are silenced: their float64 space bounds cast to float32, and a render mode
+    they support but do not list."""
+    if ctypes.util.find_library("EGL"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+    warnings.filterwarnings("ignore", ".*precision lowered by casting", UserWarning)
+    warnings.filterwarnings("ignore", ".*not in the possible render_modes", UserWarning)
+
+
 def load_datasets(env_name, dataset_dir):
     """(train, validation) transitions with the rewards and masks of the env's task (D4RL: no
     validation split); missing files are downloaded."""
@@ -661,6 +679,7 @@ def load_datasets(env_name, dataset_dir):
 
 def load_ogbench(env_name, dataset_dir):
     """OGBench's train and validation splits, relabelled for the env's task."""
+    quiet_simulators()
     import ogbench
 
     dataset_name = re.sub(r"-singletask(-task\d+)?", "", env_name)  # cube-single-play-v0
@@ -1061,28 +1080,39 @@ def train(cfg, evaluate=None, finetuning=None):
     print(f"FQL on {cfg.env}, alpha {cfg.alpha}, in {cfg.run_dir}")
     total_steps = cfg.offline_steps + cfg.online_steps
     log = RunLog(cfg, runs, start, total_steps)
+    # A cluster sends SIGTERM before it preempts or requeues a job (SLURM: SIGKILL follows after a
+    # grace period). The step it interrupts is finished and saved, so that the requeued job, the
+    # same command with --resume, repeats nothing
+    stop = []
+    on_sigterm = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        for step in log.progress:  # Algorithm 1
+            with_metrics = step % cfg.log_interval == 0
+            if step <= cfg.offline_steps:
+                metrics = offline_step(with_metrics)
+            else:  # fine-tuning: one environment step, then one update on the growing buffer
+                online.collect(agent.act)
+                metrics = online_step(with_metrics)
 
-    for step in log.progress:  # Algorithm 1
-        with_metrics = step % cfg.log_interval == 0
-        if step <= cfg.offline_steps:
-            metrics = offline_step(with_metrics)
-        else:  # fine-tuning: one environment step, then one update on the growing buffer
-            online.collect(agent.act)
-            metrics = online_step(with_metrics)
+            if with_metrics:  # the only host synchronisation between steps
+                if validation:
+                    with torch.no_grad():
+                        _, val_metrics = agent.losses_eager(*agent.draw(validation), True)
+                    metrics |= {f"validation/{k}": v for k, v in val_metrics.items()}
+                log.train(step, metrics, online.log() if step > cfg.offline_steps else {})
 
-        if with_metrics:  # the only host synchronisation between steps
-            if validation:
-                with torch.no_grad():
-                    _, val_metrics = agent.losses_eager(*agent.draw(validation), with_metrics=True)
-                metrics |= {f"validation/{k}": v for k, v in val_metrics.items()}
-            log.train(step, metrics, online.log() if step > cfg.offline_steps else {})
+            last = step == total_steps
+            if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+                log.evaluation(step, evaluate(agent.act, [seed + step for seed in cfg.seeds]))
 
-        last = step == total_steps
-        if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-            log.evaluation(step, evaluate(agent.act, [seed + step for seed in cfg.seeds]))
-
-        if step % cfg.save_interval == 0 or last:
-            save_checkpoints(agent, step, runs, online.state_dict() if online else None)
+            if step % cfg.save_interval == 0 or last or stop:
+                save_checkpoints(agent, step, runs, online.state_dict() if online else None)
+            if stop and not last:
+                log.progress.close()
+                raise SystemExit(f"stopped by SIGTERM at step {step}, saved in {cfg.run_dir}; the "
+                                 "same command with --resume continues")
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     log.progress.close()
     return agent
 

@@ -10,8 +10,10 @@ import functools
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -1185,7 +1187,7 @@ def test_parallel_and_sequential_evaluation_agree_on_the_same_seeds(cube_vector_
     sequential = fql_eval.evaluate(recording(sequential_seen), one_at_a_time(lambda: fql_eval.make_env(CUBE)), 3,
                                    [5])
     parallel = fql_eval.evaluate(recording(parallel_seen), cube_vector_env, 3, [5])
-    assert parallel == pytest.approx(sequential)
+    assert parallel == [pytest.approx(result) for result in sequential]  # a dict per seed
     by_episode = np.array(sequential_seen).reshape(3, 200, -1)
     rounds = np.array(parallel_seen).reshape(2, 200, 2, -1)  # 2 rounds of 2 environments, 200 steps each
     for episode in range(3):  # the second round needs one environment; the other's steps are ignored
@@ -1405,6 +1407,10 @@ def test_plot_writes_a_png(tmp_path):
         fql_eval.main(["plot", str(tmp_path), "--output", str(output)])
     with pytest.raises(SystemExit, match="one or more run folders"):
         fql_eval.main(["plot", "--output", str(output)])
+    for name in ("train.csv", "eval.csv"):  # a run that has logged nothing yet
+        os.remove(runs[2] / name)
+    with pytest.raises(SystemExit, match="nothing to plot yet: these runs have no rows in train.csv or eval.csv"):
+        fql_eval.main(["plot", str(runs[2]), "--output", str(output)])
 
 
 def test_table_gives_each_group_of_seeds_final_success_next_to_the_paper(tmp_path, capsys):
@@ -1928,14 +1934,15 @@ print("loaded:", sorted(BLOCKED & {m.split(".")[0] for m in sys.modules}))
 # The scripts as users run them: subprocesses, with evaluation on (the default) and no network
 # ----------------------------------------------------------------------------------------------
 OFFLINE = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+WARNINGS_ON = dict(PYTHONWARNINGS="default")  # every warning shown, once per place: the console must stay clean
 PROGRESS = re.compile(r"\d+%\|")  # tqdm's progress bar, which it draws on stderr
 
 
 def script(*args, env=None) -> subprocess.CompletedProcess:
-    """`python fql.py ...` or `python eval.py ...` as a user types it, in this folder; every download fails
-    at once (through a proxy that refuses connections)."""
+    """`python fql.py ...` or `python eval.py ...` as a user types it, in this folder, with Python's warnings on;
+    every download fails at once (through a proxy that refuses connections)."""
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=HERE,
-                          env={**os.environ, **OFFLINE, **(env or {})}, timeout=900)
+                          env={**os.environ, **OFFLINE, **WARNINGS_ON, **(env or {})}, timeout=900)
 
 
 def console(result) -> list:
@@ -2013,3 +2020,116 @@ def test_scripts_stop_a_diverging_run_and_refuse_bad_flags_in_one_line(cube_data
     unknown = script("fql.py", "--batch-sise", "8")  # tyro's own message, in a box
     assert unknown.returncode != 0 and "--batch-sise" in unknown.stderr and "Traceback" not in unknown.stderr
     assert not (tmp_path / "other").exists()
+
+
+@slow
+def test_every_readme_command_keeps_a_clean_console(cube_data, tmp_path):
+    """With Python's warnings on: training without evaluation (fql.py alone: MuJoCo's GLFW and gymnasium's
+    float64 warnings came while it relabelled the dataset), evaluation with a video, plot and fine-tuning print
+    nothing on stderr but their progress bars."""
+    run = tmp_path / "run"
+    commands = [["fql.py", "--dataset_dir", cube_data, "--run_dir", str(run), "--eval_interval", "0",
+                 "--offline_steps", "4", "--log_interval", "2", "--batch_size", "16", *SMALL],
+                ["eval.py", "--checkpoint", str(run), "--episodes", "2", "--video_episodes", "1", "--frame_skip", "50"],
+                ["eval.py", "plot", str(run), "--output", str(tmp_path / "runs.png")],
+                ["eval.py", "finetune", "--checkpoint", str(run), "--online_steps", "4", "--eval_interval", "0",
+                 "--log_interval", "2", "--save_interval", "2"]]
+    for command in commands:
+        result = script(*command)
+        lines = [line for line in console(result) if not line.startswith("no videos: offscreen rendering failed")]
+        assert result.returncode == 0 and lines == [], (command, result.stderr[-3000:])
+    assert (tmp_path / "runs.png").exists() and (tmp_path / "run-finetune" / "checkpoint.pt").exists()
+
+
+@slow
+def test_sigterm_saves_the_step_it_interrupts_and_the_resumed_run_ends_as_if_never_stopped(cube_data, tmp_path):
+    """SIGTERM to every process of the run (as SLURM sends it before a preemption), during an evaluation: the
+    evaluation workers go on, the step it lands in is finished and saved between two periodic checkpoints, the run
+    exits with one line, and the same command with --resume ends as the run never stopped (parameters, logs)."""
+    def command(run_dir):
+        return [sys.executable, "fql.py", "--dataset_dir", cube_data, "--run_dir", str(run_dir), "--seeds", "0", "1",
+                "--offline_steps", "600", "--log_interval", "10", "--save_interval", "150", "--eval_interval", "100",
+                "--eval_episodes", "1", "--batch_size", "16", "--no-compile", *SMALL, "--resume"]
+
+    environment = {**os.environ, **OFFLINE, **WARNINGS_ON}
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(command(stopped), cwd=HERE, env=environment, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    train_csv = stopped / "seed0" / "train.csv"
+    while process.poll() is None and not (train_csv.exists() and len(read_csv(train_csv)) >= 20):
+        time.sleep(0.01)  # until the row of step 200, written just before its evaluation
+    os.killpg(process.pid, signal.SIGTERM)  # the whole process group: the run and its evaluation workers
+    _, stderr = process.communicate(timeout=300)
+    lines = [line for line in stderr.splitlines() if line.strip() and not PROGRESS.search(line)]
+    assert process.returncode != 0 and len(lines) == 1, stderr[-3000:]
+    step = int(re.fullmatch(r"stopped by SIGTERM at step (\d+), saved in .*; the same command with --resume continues",
+                            lines[0])[1])
+    assert step == 200, step  # saved at the step it stopped in (its evaluation), not at a periodic checkpoint
+    for seed in (0, 1):
+        assert fql.read_checkpoint(str(stopped / f"seed{seed}" / "checkpoint.pt"))["step"] == step
+        assert int(read_csv(stopped / f"seed{seed}" / "train.csv")[-1]["step"]) == step - step % 10
+
+    for run_dir in (stopped, tmp_path / "straight"):  # the stopped run resumed, and a run never stopped
+        finished = subprocess.run(command(run_dir), cwd=HERE, env=environment, capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    for seed in (0, 1):
+        want, got = (fql.read_checkpoint(str(run / f"seed{seed}" / "checkpoint.pt")) for run in (tmp_path / "straight",
+                                                                                             stopped))
+        assert got["step"] == want["step"] == 600
+        for name, p in want["nets"].items():
+            torch.testing.assert_close(got["nets"][name], p, rtol=0, atol=0, msg=name)
+        for name in ("train.csv", "eval.csv"):
+            assert untimed_rows(stopped / f"seed{seed}" / name) == untimed_rows(tmp_path / "straight" / f"seed{seed}"
+                                                                                / name)
+
+
+def readme_python(containing: str) -> str:
+    """The README's Python block that contains `containing`."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    (block,) = [block for block in blocks if containing in block]
+    return block
+
+
+@slow
+def test_readmes_submitit_jobs_continue_after_a_preemption(cube_data, tmp_path, monkeypatch):
+    """README's submitit example as written, on submitit's local executor (real job processes, as on SLURM), on
+    tiny data and networks: a job stopped by SIGTERM after its first checkpoint (as a preemption stops it) and
+    submitted again with the same command continues, and ends as a job never stopped."""
+    submitit = pytest.importorskip("submitit")
+    code = readme_python("submitit.AutoExecutor")
+    setup, submit = code[: code.index("jobs = ")], code[code.index("jobs = "):]
+    tiny = ["--dataset_dir", cube_data, "--offline_steps", "3000", "--log_interval", "100", "--save_interval", "100",
+            "--eval_interval", "0", "--batch_size", "16", "--no-compile", *SMALL]
+    local = submitit.AutoExecutor
+    monkeypatch.setattr(submitit, "AutoExecutor", lambda folder: local(folder=tmp_path / folder, cluster="local"))
+    monkeypatch.setenv("PYTHONPATH", HERE)  # the jobs import fql from this folder, as from a clone of it
+    monkeypatch.chdir(tmp_path)  # where they write runs/
+
+    def submit_readme_jobs():
+        namespace = {"__name__": "readme"}
+        exec(setup, namespace)
+        namespace["ENVS"] = ["cube-single"]
+        namespace["FLAGS"] += tiny  # README's flags, then the tiny run's
+        exec(submit, namespace)
+        return namespace
+
+    (job,) = submit_readme_jobs()["jobs"]
+    checkpoint = tmp_path / "runs" / "ogbench-cube-single__seed0" / "checkpoint.pt"
+    while not checkpoint.exists() and not job.done():
+        time.sleep(0.02)
+    os.kill(int(job.job_id), signal.SIGTERM)  # submitit's local controller passes it on to the job, as SLURM does
+    with pytest.raises(submitit.core.utils.UncompletedJobError):
+        job.result()
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", job.stderr())[1])
+    assert 100 <= step < 3000 and fql.read_checkpoint(str(checkpoint))["step"] == step
+
+    namespace = submit_readme_jobs()  # a requeued job runs the same command again
+    namespace["jobs"][0].result()
+    straight = fql.main(["--env", "ogbench-cube-single", *namespace["FLAGS"], "--run_dir", str(tmp_path / "straight")])
+    for seed, nets in enumerate(straight.seed_nets):
+        saved = fql.read_checkpoint(str(tmp_path / "runs" / f"ogbench-cube-single__seed{seed}" / "checkpoint.pt"))
+        assert saved["step"] == 3000
+        for name, p in nets.state_dict().items():
+            torch.testing.assert_close(saved["nets"][name], p, rtol=0, atol=0, msg=name)
+
