@@ -40,9 +40,10 @@ import gymnasium  # noqa: E402
 import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
 from ogbench.locomaze.maze import make_maze_env  # noqa: E402
 
-# A policy maps observations with a leading seed dimension, (seeds, ..., *observation), to actions
-# in [-1, 1], (seeds, ..., action): FQLAgent.act
-Policy = Callable[[np.ndarray], np.ndarray]
+# A policy maps observations with a leading agent dimension, (agents, ..., *observation), to actions
+# in [-1, 1], (agents, ..., action), each row's noise from its own generator (a list of
+# torch.Generators, one for each row, in order): FQLAgent.act
+Policy = Callable[[np.ndarray, list], np.ndarray]
 
 
 # ---- Environments --------------------------------------------------------------------------------
@@ -60,14 +61,14 @@ def make_env(env_name, frame_stack=None, **kwargs):
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
 
 
-def make_vector_env(env_name, num_envs, frame_stack=None):
-    """`num_envs` copies stepping in parallel worker processes. forkserver, not fork: the parent may
-    hold CUDA and OpenMP threads, which fork would copy in a broken state. The workers fork from
-    one server process that imports torch, MuJoCo and OGBench once, instead of each (seconds
-    apiece)."""
+def make_vector_env(env_names, frame_stack=None):
+    """An environment of each name (the tasks of one dataset, say), stepping in parallel worker
+    processes. forkserver, not fork: the parent may hold CUDA and OpenMP threads, which fork would
+    copy in a broken state. The workers fork from one server process that imports torch, MuJoCo
+    and OGBench once, instead of each (seconds apiece)."""
     multiprocessing.set_forkserver_preload(["eval"])
-    make = functools.partial(make_worker_env, env_name, frame_stack)
-    return gymnasium.vector.AsyncVectorEnv([make] * num_envs, context="forkserver")
+    makes = [functools.partial(make_worker_env, name, frame_stack) for name in env_names]
+    return gymnasium.vector.AsyncVectorEnv(makes, context="forkserver")
 
 
 def make_worker_env(env_name, frame_stack):
@@ -270,64 +271,70 @@ def with_score(env_name, result):
 
 # ---- Rollouts ------------------------------------------------------------------------------------
 def evaluate(policy, vector_env, episodes, seeds, progress=None):
-    """`episodes` episodes per seed, a result each (success rate, mean return, mean length). The
-    environments are split into one equal block per seed; episode i of seed s starts from
-    reset(seed=s + i). One batched policy call gives every environment an action, or a chunk of
-    actions (--horizon) that then runs open-loop from a queue, one action a step, as QC's
-    evaluation does. Episodes run in rounds of a block's size, all starting together, so the
-    queue empties as each episode ends; an environment whose episode has ended keeps stepping
-    until the round ends, and its extra steps are ignored."""
-    per_seed = vector_env.num_envs // len(seeds)
+    """`episodes` episodes per agent, a result each (success rate, mean return, mean length). The
+    environments are split into one equal block per agent (built with the agent's env); episode i
+    of agent k starts from reset(seed=seeds[k] + i), and the policy's noise in it comes from a
+    generator seeded alike: an agent's episodes are the same, whatever is evaluated beside it. One
+    batched policy call gives every environment an action, or a chunk of actions (--horizon) that
+    then runs open-loop from a queue, one action a step, as QC's evaluation does. Episodes run in
+    rounds of a block's size, all starting together, so the queue empties as each episode ends;
+    an environment whose episode has ended keeps stepping until the round ends, and its extra
+    steps are ignored."""
+    per_agent = vector_env.num_envs // len(seeds)
     action_size = vector_env.single_action_space.shape[0]
-    finished = [[] for _ in seeds]  # (success, return, length) of each episode, per seed
+    finished = [[] for _ in seeds]  # (success, return, length) of each episode, per agent
     # torch's CPU threads busy-wait between calls and would take the cores the environment workers
     # need (half the speed on 2 cores); one thread is plenty for one batched policy call a step
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for first in range(0, episodes, per_seed):
-            reset_seeds = [seed + first + i for seed in seeds for i in range(per_seed)]
+        for first in range(0, episodes, per_agent):
+            reset_seeds = [seed + first + i for seed in seeds for i in range(per_agent)]
             observations, _ = vector_env.reset(seed=reset_seeds)
+            generators = [torch.Generator().manual_seed(seed) for seed in reset_seeds]
             # the last round may need fewer environments
-            running = np.tile(np.arange(per_seed) < episodes - first, len(seeds))
+            running = np.tile(np.arange(per_agent) < episodes - first, len(seeds))
             episode_return = np.zeros(vector_env.num_envs)
             length = np.zeros(vector_env.num_envs, dtype=int)
             queue = []
             while running.any():
                 if not queue:  # every environment's next action or chunk of actions
-                    blocks = observations.reshape(len(seeds), per_seed, *observations.shape[1:])
-                    chunks = policy(blocks).reshape(vector_env.num_envs, -1, action_size)
+                    blocks = observations.reshape(len(seeds), per_agent, *observations.shape[1:])
+                    chunks = policy(blocks, generators).reshape(vector_env.num_envs, -1, action_size)
                     queue = list(np.clip(chunks, -1, 1).swapaxes(0, 1))  # an array a step
                 observations, rewards, terminated, truncated, infos = vector_env.step(queue.pop(0))
                 episode_return += np.where(running, rewards, 0)
                 length += running
                 for i in np.flatnonzero(running & (terminated | truncated)):
                     success = float(infos["success"][i])
-                    finished[i // per_seed].append((success, episode_return[i], length[i]))
+                    finished[i // per_agent].append((success, episode_return[i], length[i]))
                     running[i] = False
                     if progress is not None:
                         progress.update(1)
     finally:
         torch.set_num_threads(torch_threads)
-    means = [np.mean(episodes_of_seed, axis=0).tolist() for episodes_of_seed in finished]
+    means = [np.mean(agent_episodes, axis=0).tolist() for agent_episodes in finished]
     return [dict(zip(("success", "return", "length"), mean)) for mean in means]
 
 
 class Evaluator:
-    """`evaluate(policy, seeds)` for fql.train, on one vector env (about one worker per core, at
-    least one per seed), started at the first evaluation and closed when the `with` block ends."""
+    """`evaluate(policy, runs, step)` for fql.train: each agent's episodes in its run's env (its
+    task's), from reset(seed=run.seed + step + i), all in one vector env (about one worker per
+    core, at least one per agent), started at the first evaluation and closed when the `with`
+    block ends."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.vector_env = None
 
-    def __call__(self, policy, seeds):
+    def __call__(self, policy, runs, step):
         if self.vector_env is None:
-            per_seed = max(1, min(self.cfg.eval_episodes, os.cpu_count() // len(seeds)))
-            num_envs = per_seed * len(seeds)
-            self.vector_env = make_vector_env(self.cfg.env, num_envs, self.cfg.frame_stack)
+            per_agent = max(1, min(self.cfg.eval_episodes, os.cpu_count() // len(runs)))
+            envs = [run.env for run in runs for _ in range(per_agent)]
+            self.vector_env = make_vector_env(envs, self.cfg.frame_stack)
+        seeds = [run.seed + step for run in runs]
         results = evaluate(policy, self.vector_env, self.cfg.eval_episodes, seeds)
-        return [with_score(self.cfg.env, result) for result in results]
+        return [with_score(run.env, result) for run, result in zip(runs, results)]
 
     def __enter__(self):
         return self
@@ -355,13 +362,14 @@ def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame
     paths = []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
+        generator = torch.Generator().manual_seed(seed + episode)  # as in evaluate
         frames = [env.render()]
         done = False
         t = 0
         queue = []
         while not done:
-            if not queue:  # a one-seed policy's action, or chunk of actions run open-loop
-                chunk = policy(observation[None])[0]
+            if not queue:  # a one-agent policy's action, or chunk of actions run open-loop
+                chunk = policy(observation[None], [generator])[0]
                 queue = list(np.clip(chunk, -1, 1).reshape(-1, env.action_space.shape[0]))
             observation, _, terminated, truncated, _ = env.step(queue.pop(0))
             done = terminated or truncated
@@ -402,12 +410,12 @@ class ReplayBuffer:
         self.count = min(self.count + 1, self.capacity)
         self.size.fill_(self.count)
 
-    def sample(self, batch_size, generators=(None,)):
+    def sample(self, batch_size, generators=(None,), tasks=(0,)):
         """As fql.sample_batch: uniform rows (window starts), a batch per generator along a
-        leading seed dimension."""
+        leading agent dimension."""
         starts = (self.size - self.cfg.horizon + 1).clamp(min=1)  # where a window can start
         draws = [torch.rand(batch_size, device=self.size.device, generator=g) for g in generators]
-        return fql.gather(self.data, (torch.stack(draws) * starts).long(), self.cfg)
+        return fql.gather(self.data, (torch.stack(draws) * starts).long(), tasks, self.cfg)
 
     def online_rows(self):
         """Positions of the rows written online that are still there, oldest first."""
@@ -429,10 +437,10 @@ class ReplayBuffer:
         self.size.fill_(self.count)
 
 
-def sample_balanced(offline, buffer, batch_size, generators=(None,)):
+def sample_balanced(offline, buffer, batch_size, generators=(None,), tasks=(0,)):
     """Half of each batch from the offline dataset, half from the online transitions."""
-    first = fql.sample_batch(offline, batch_size // 2, generators, cfg=buffer.cfg)
-    second = buffer.sample(batch_size - batch_size // 2, generators)
+    first = fql.sample_batch(offline, batch_size // 2, generators, tasks, cfg=buffer.cfg)
+    second = buffer.sample(batch_size - batch_size // 2, generators, tasks)
     return {k: torch.cat([first[k], second[k]], dim=1) for k in first}
 
 
@@ -455,10 +463,11 @@ class OnlineCollector:
     def step(self, policy, buffer):
         if self.observation is None:
             self.observation, _ = self.env.reset(seed=self.seed + buffer.added)
+            self.generator = torch.Generator().manual_seed(self.seed + buffer.added)  # the noise
             self.episode_return = 0.0
             self.episode_length = 0
-        if not self.queue:  # a one-seed policy's action, or chunk of actions
-            chunk = policy(self.observation[None])[0]
+        if not self.queue:  # a one-agent policy's action, or chunk of actions
+            chunk = policy(self.observation[None], [self.generator])[0]
             self.queue = list(chunk.reshape(-1, self.env.action_space.shape[0]))
         action = self.queue.pop(0)
         next_observation, reward, terminated, truncated, info = self.env.step(action)
@@ -480,7 +489,8 @@ class OnlineCollector:
     def state_dict(self):
         steps = self.episode_length if self.observation is not None else 0  # into its episode
         queue = np.array(self.queue).tolist()  # the rest of its chunk
-        return dict(steps=steps, queue=queue, last_episode=self.last_episode)
+        noise = self.generator.get_state() if steps else None
+        return dict(steps=steps, queue=queue, last_episode=self.last_episode, noise=noise)
 
     def load_state_dict(self, state, buffer):
         """Where a killed run left off: its episode replayed from its reset with the actions the
@@ -496,6 +506,8 @@ class OnlineCollector:
                 self.observation, reward, *_ = self.env.step(action)
                 self.episode_return += float(reward)
             self.episode_length = state["steps"]
+            self.generator = torch.Generator()
+            self.generator.set_state(state["noise"])
 
 
 class Finetuning:
@@ -574,8 +586,9 @@ NOT_CONFIG = {"seed", "seeds", "run_dir", "resume", "device", "compile", "cuda_g
 
 
 def run_groups(run_dirs):
-    """[(settings, config, runs)]: the run folders grouped by config, all but the seed; `settings`
-    names what differs between the groups, the env aside."""
+    """[(settings, config, runs, seeds)]: the run folders grouped by config, all but the seed (a
+    grid's (task, alpha)), with config["env"] the dataset and config["task"] its task (or None);
+    `settings` names what differs between the groups, the env and task aside."""
     if not run_dirs:
         raise UsageError("give one or more run folders")
     groups = {}
@@ -584,13 +597,16 @@ def run_groups(run_dirs):
         if not os.path.isfile(config_file):
             raise UsageError(f"{run} is not an fql.py run folder (no config.json)")
         with open(config_file) as f:
-            config = {k: v for k, v in json.load(f).items() if k not in NOT_CONFIG}
-        groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
+            config = json.load(f)
+        env, task = re.fullmatch(r"(.+?)(?:-singletask-task(\d+)-v0)?", config["env"]).groups()
+        config.update(env=env, task=task and int(task))
+        key = json.dumps({k: v for k, v in config.items() if k not in NOT_CONFIG}, sort_keys=True)
+        groups.setdefault(key, []).append((run, config["seed"]))
     configs = [json.loads(key) for key in groups]
-    varying = sorted({k for c in configs for k, v in c.items() if k != "env"
+    varying = sorted({k for c in configs for k, v in c.items() if k not in ("env", "task")
                       and any(other.get(k) != v for other in configs)})
     settings = [", ".join(f"{k}={c[k]}" for k in varying) for c in configs]
-    return list(zip(settings, configs, groups.values()))
+    return [(s, c, *zip(*runs)) for s, c, runs in zip(settings, configs, groups.values())]
 
 
 def plot_runs(run_dirs, output):
@@ -603,8 +619,10 @@ def plot_runs(run_dirs, output):
 
     metrics = [(file, key) for file, keys in PLOTTED.items() for key in keys]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
-    for color, (settings, config, runs) in enumerate(run_groups(run_dirs)):
-        label = f"{settings or config['env']} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+    for color, (settings, config, runs, _) in enumerate(run_groups(run_dirs)):
+        task = config["task"] and f"task {config['task']}"
+        label = ", ".join(filter(None, [config["env"], task, settings]))
+        label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         for ax, (file, metric) in zip(axes, metrics, strict=True):
             curves = [read_curve(os.path.join(run, file), metric) for run in runs]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -650,26 +668,37 @@ PAPER = {
 
 
 def table_runs(run_dirs, output=None):
-    """The final evaluation of each group of runs whose configs differ only in the seed: mean and
-    standard deviation over its seeds of the success in % (D4RL: the normalised score), next to
-    the paper's number; printed as a Markdown table, and written to `output` as CSV."""
+    """A row for each group of runs whose configs differ only in the seed (a grid's task and
+    alpha): the mean and standard deviation over its seeds of each seed's score, computed as the
+    paper's are: OGBench, the success in % averaged over the last three evaluations that all its
+    seeds reached (`steps`); D4RL, the normalised score of the last. Runs of several tasks of one
+    env add a row for their mean over those tasks, each seed's averaged first: the paper's figure
+    for the env is that mean over its five. Printed as a Markdown table; CSV in `output`."""
     rows = []
-    for settings, config, runs in run_groups(run_dirs):
+    tasks = {}  # (env, settings): {task: {seed: score}}
+    env_steps = {}  # (env, settings): the steps of its first task
+    for settings, config, runs, seeds in run_groups(run_dirs):
         env = config["env"]
-        metric = "evaluation/score" if env in fql.D4RL else "evaluation/success"
-        steps = []
-        values = []
-        for run in runs:  # its last evaluation
-            curve = read_curve(os.path.join(run, "eval.csv"), metric)
-            if not curve:
-                raise UsageError(f"{run} has no evaluation in its eval.csv yet")
-            steps.append(max(curve))
-            values.append(curve[max(curve)] * (1 if env in fql.D4RL else 100))
-        values = np.array(values)
-        paper = PAPER.get(env, PAPER.get(re.sub("-singletask.*", "", env), ""))
-        # step: the fewest steps any of the group's runs has made
-        rows.append(dict(env=env, settings=settings, seeds=len(runs), step=min(steps),
-                         mean=f"{values.mean():.1f}", std=f"{values.std():.1f}", paper=paper))
+        d4rl = env in fql.D4RL
+        curves = [read_curve(os.path.join(run, "eval.csv"), "evaluation/score" if d4rl else
+                             "evaluation/success") for run in runs]
+        steps = sorted(set.intersection(*map(set, curves)))[-1 if d4rl else -3:]
+        if not steps:
+            raise UsageError(f"{', '.join(runs)}: no evaluation at a step all these runs reached")
+        scores = [np.mean([curve[step] for step in steps]) * (1 if d4rl else 100)
+                  for curve in curves]
+        tasks.setdefault((env, settings), {})[config["task"]] = dict(zip(seeds, scores))
+        env_steps.setdefault((env, settings), steps)
+        task_env = f"{env}-singletask-task{config['task']}-v0" if config["task"] else env
+        paper = PAPER.get(task_env, "")  # OGBench's per-env figures are means over its tasks
+        rows.append(table_row(env, config["task"], settings, steps, scores, paper))
+    for (env, settings), by_task in tasks.items():
+        common = sorted(set.intersection(*map(set, by_task.values())))  # seeds of every task
+        if len(by_task) > 1 and common:
+            scores = [np.mean([scores[seed] for scores in by_task.values()]) for seed in common]
+            task = "mean of " + " ".join(map(str, by_task))
+            rows.append(table_row(env, task, settings, env_steps[env, settings], scores,
+                                  PAPER.get(env, "")))
     print("| " + " | ".join(rows[0]) + " |")
     print("|---" * len(rows[0]) + "|")
     for row in rows:
@@ -682,6 +711,12 @@ def table_runs(run_dirs, output=None):
     return rows
 
 
+def table_row(env, task, settings, steps, scores, paper):
+    return dict(env=env, task=task or "", settings=settings, seeds=len(scores),
+                steps=" ".join(map(str, steps)), mean=f"{np.mean(scores):.1f}",
+                std=f"{np.std(scores):.1f}", paper=paper)
+
+
 def read_curve(path, metric):
     if not os.path.isfile(path):
         return {}
@@ -692,9 +727,9 @@ def read_curve(path, metric):
 # ---- Benchmark: the training step in each execution mode, on random data -------------------------
 def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
     """--benchmark: the median steps/s of `repeats` timings (`seconds` each) of the training step
-    in each mode, one seed and the group, on random data of the env's shapes (`shapes`:
-    (observation shape, action size), default the env's). Returns {(mode, seeds): (steps/s, steps
-    per timing, Adam steps)}."""
+    in each mode, one agent and the grid, on random data of the env's shapes (`shapes`:
+    (observation shape, action size), default the env's). Returns {(mode, agents): (steps/s,
+    steps per timing, Adam steps)}."""
     cfg = fql.resolve_config(cfg)
     observation_shape, action_dim = shapes or env_shapes(cfg.env)
     rng = np.random.default_rng(cfg.seed)
@@ -706,8 +741,9 @@ def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
     else:
         observations = rng.normal(size=(n, *observation_shape))
         layout = dict(next_observations=observations[::-1])
+    tasks = len(cfg.tasks or [0])  # a column of rewards and masks per task
     dataset = dict(observations=observations, actions=rng.uniform(-1, 1, (n, action_dim)),
-                   rewards=-rng.integers(0, 2, n), masks=np.ones(n),
+                   rewards=-rng.integers(0, 2, (n, tasks)), masks=np.ones((n, tasks)),
                    terminals=np.arange(n) % 1000 == 999, **layout)
     data = fql.to_device(dataset, cfg.device, cfg.frame_stack)
     observation_shape = fql.stacked_shape(data)
@@ -732,22 +768,25 @@ def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
         metrics["critic/critic_loss"].cpu()
         return time.perf_counter() - start
 
+    one = dataclasses.replace(cfg, seeds=cfg.seeds[:1], tasks=cfg.tasks and cfg.tasks[:1],
+                              alphas=cfg.alphas and cfg.alphas[:1])
     results = {}
     for name, flags in modes.items():
-        for seeds in dict.fromkeys([cfg.seeds[:1], cfg.seeds]):  # one seed, then the group
-            agent = fql.make_agent(dataclasses.replace(cfg, seeds=seeds, **flags),
-                                   observation_shape, action_dim)
+        for grid in [one] + [cfg] * (cfg != one):  # one agent, then the grid
+            agents = len(fql.agent_grid(grid))
+            agent = fql.make_agent(dataclasses.replace(grid, **flags), observation_shape,
+                                   action_dim)
             sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug, cfg=cfg)
             step = fql.make_train_step(agent, sample)
             warmup = timed(step, 4)  # compilation and graph recording happen here
             updates = max(10, round(seconds * 6 / timed(step, 6)))
             rate = float(np.median([updates / timed(step, updates) for _ in range(repeats)]))
             adam_steps = int(next(iter(agent.optimizer.state.values()))["step"])
-            results[name, len(seeds)] = rate, updates, adam_steps
+            results[name, agents] = rate, updates, adam_steps
             speed = "updates/s"
-            if len(seeds) > 1:
-                speed = (f"steps/s of {len(seeds)} seeds = {rate * len(seeds):.1f} "
-                         f"seed-updates/s, {rate * len(seeds) / results[name, 1][0]:.2f}x one seed")
+            if agents > 1:
+                speed = (f"steps/s of {agents} agents = {rate * agents:.1f} agent-updates/s, "
+                         f"{rate * agents / results[name, 1][0]:.2f}x one agent")
             print(f"{name:<22} {rate:9.1f} {speed}   (warm-up {warmup:5.1f} s)", flush=True)
     return results
 
@@ -830,7 +869,7 @@ def run_evaluation(args):
                          f"{trained[1]}); {env_name} has observation {shapes[0]}, action "
                          f"{shapes[1]}")
     num_envs = min(args.episodes, args.num_envs or os.cpu_count())
-    vector_env = make_vector_env(env_name, num_envs, agent.cfg.frame_stack)
+    vector_env = make_vector_env([env_name] * num_envs, agent.cfg.frame_stack)
     try:
         with tqdm(total=args.episodes, unit="episode") as progress:
             (result,) = evaluate(agent.act, vector_env, args.episodes, [args.seed], progress)

@@ -26,9 +26,11 @@ import csv
 import ctypes.util
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -94,8 +96,14 @@ class Config:
     """ogbench-<env>[-task<N>], cube-single-play-singletask-task2-v0, d4rl-<dataset>, ..."""
     seed: int | None = None
     """seed of networks, batches, noise and evaluation episodes (default 0); = --seeds N"""
+    # A grid: one agent per (task, alpha, seed), trained as one batched computation, each exactly
+    # as the same run alone (--env <env>-task<t> --alpha <a> --seed <s>)
     seeds: tuple[int, ...] | None = None
-    """one agent per seed, trained as one batched computation; each as its --seed N alone"""
+    """one agent per seed"""
+    tasks: tuple[int, ...] | None = None
+    """one agent per OGBench task (1-5), all on one copy of the dataset; default: the env's task"""
+    alphas: tuple[float, ...] | None = None
+    """one agent per distillation coefficient; default: --alpha"""
     offline_steps: int | None = None
     """gradient steps on the offline data; default: 500K for D4RL and pixels, else 1M"""
     online_steps: int = 0
@@ -115,7 +123,8 @@ class Config:
     dataset_dir: str = "~/.ogbench/data"
     """where the OGBench .npz files are (downloaded there when missing and online)"""
     run_dir: str | None = None
-    """where train.csv, eval.csv, checkpoint.pt go; default runs/<env>__seed<seed>"""
+    """where train.csv, eval.csv, checkpoint.pt go; default runs/<env>__seed<seed>; a grid's:
+    runs/<env>-task<t>__alpha<a>__seed<s> (only the axes given), or <run_dir>/task<t>__..."""
     device: str = "auto"
     """torch device; auto: cuda when available, else cpu"""
     compile: bool = True
@@ -127,7 +136,7 @@ class Config:
     wandb_project: str | None = None
     """also log to this Weights & Biases project (needs `pip install wandb`)"""
     benchmark: bool = False
-    """print the training step's updates/s in each mode, one seed and --seeds; then exit"""
+    """print the training step's updates/s in each mode, one agent and the grid; then exit"""
 
 
 # ---- Networks ------------------------------------------------------------------------------------
@@ -257,11 +266,11 @@ class FQLNetworks(nn.Module):
         # mu(s, z): one network call maps noise to an action
         self.actor_onestep = MLP(dim + chunk, cfg.actor_hidden_dims, chunk, encoders[2])
 
-    def forward(self, batch, noise, cfg, with_metrics=False):
+    def forward(self, batch, noise, alpha, cfg, with_metrics=False):
         """fql_losses of these networks. The losses are this module's forward because
-        torch.func.functional_call, which the agent maps over the seeds with torch.vmap, calls a
-        module's forward with the parameters it is given (a seed's)."""
-        return fql_losses(self, batch, noise, cfg, with_metrics)
+        torch.func.functional_call, which FQLAgent maps over its agents with torch.vmap, calls a
+        module's forward with the parameters it is given (an agent's)."""
+        return fql_losses(self, batch, noise, alpha, cfg, with_metrics)
 
 
 # ---- Losses (paper Section 4 and Algorithm 1) ----------------------------------------------------
@@ -277,12 +286,12 @@ def flow_actions(actor_bc_flow, obs, noise, steps):
 
 def draw_noise(batch_size, chunk_dim, device, generators=(None,)):
     """The losses' noise for one update (the batch's rows are drawn by the sampler), a draw per
-    generator (a seed's) along a leading seed dimension, in one place so that tests can fix it.
+    generator (an agent's) along a leading agent dimension, in one place so that tests can fix it.
     `chunk_dim`: what the networks emit (FQLNetworks.chunk_dim; the action size without chunks)."""
-    # the three Gaussians of a seed in one call: fewer kernels than three calls
+    # an agent's three Gaussians in one call: fewer kernels than three calls
     draws = [(torch.randn((3, batch_size, chunk_dim), device=device, generator=g),
               torch.rand((batch_size, 1), device=device, generator=g)) for g in generators]
-    gaussians = torch.stack([three for three, _ in draws], dim=1)  # (3, seeds, batch, chunk)
+    gaussians = torch.stack([three for three, _ in draws], dim=1)  # (3, agents, batch, chunk)
     return dict(
         x0=gaussians[0],  # BC flow: the source sample
         t=torch.stack([t for _, t in draws]),  # BC flow: the time, per sample
@@ -291,9 +300,10 @@ def draw_noise(batch_size, chunk_dim, device, generators=(None,)):
     )
 
 
-def fql_losses(nets, batch, noise, cfg, with_metrics=False):
+def fql_losses(nets, batch, noise, alpha, cfg, with_metrics=False):
     """One agent's L_Q(phi) + L_Flow(theta) + L_pi(omega), to minimise, and the official metrics
-    ({} unless with_metrics). All randomness comes in `noise`."""
+    ({} unless with_metrics). All randomness comes in `noise`. `alpha`: the agent's distillation
+    coefficient (cfg.alpha alone; in a grid, each agent's own value)."""
     obs = batch["observations"]
     actions = batch["actions"]
 
@@ -338,7 +348,7 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
         q_loss = q_loss / policy_q.abs().mean().detach()
 
     # the official keys: actor_loss = L_Flow(theta) + L_pi(omega), q_loss = its -Q term
-    actor_loss = bc_flow_loss + cfg.alpha * distill_loss + q_loss
+    actor_loss = bc_flow_loss + alpha * distill_loss + q_loss
     if not with_metrics:
         return critic_loss + actor_loss, {}
     metrics = {
@@ -354,21 +364,25 @@ def fql_losses(nets, batch, noise, cfg, with_metrics=False):
 
 
 # ---- Agent: one Adam step on the summed loss, and the Polyak target update -----------------------
-# An agent trains one or more seeds as one batched computation. Each parameter is stored once for
-# all seeds, stacked along a leading seed dimension, and torch.vmap maps fql_losses (written for
-# one agent) over it; one Adam and, on CUDA, one CUDA graph update every seed. Adam, the Polyak
-# update and every loss act per element or per seed, so each seed follows its own training exactly.
-# Batches, noise, observations, actions and metrics all carry that leading seed dimension.
+# FQLAgent trains one or more agents as one batched computation: a grid of every combination of
+# tasks, alphas and seeds (agent_grid). Each parameter is stored once for all agents, stacked along
+# a leading agent dimension, and torch.vmap maps fql_losses (written for one agent) over it, with
+# each agent's alpha; one Adam and, on CUDA, one CUDA graph update every agent. Adam, the Polyak
+# update and every loss act per element or per agent, so each agent follows its own training
+# exactly. Batches, noise, observations, actions and metrics all carry that leading dimension.
 class FQLAgent:
-    """`seed_nets`: each seed's FQLNetworks; `generators`: each seed's, for batches and noise."""
+    """`agent_nets`: each agent's FQLNetworks; `generators`: each one's, for batches and noise;
+    `alphas`: each one's alpha; `tasks`: each one's column of the data's rewards and masks."""
 
-    def __init__(self, seed_nets, cfg, generators):
+    def __init__(self, agent_nets, cfg, generators, alphas, tasks):
         self.cfg = cfg
-        self.seed_nets = seed_nets
-        # seed 0's networks: the module torch.func.functional_call runs with each seed's parameters
-        self.nets = seed_nets[0]
+        self.agent_nets = agent_nets
+        # the first agent's networks: what torch.func.functional_call runs with each one's parameters
+        self.nets = agent_nets[0]
         self.generators = generators
-        self.params = stack_parameters(seed_nets)
+        self.alphas = torch.tensor(alphas, dtype=torch.float32, device=cfg.device)
+        self.tasks = torch.tensor(tasks, device=cfg.device)
+        self.params = stack_parameters(agent_nets)
         # the target's parameters in the critic's order (one a deep copy of the other), for the lerp
         self.critic_params = [p for k, p in self.params.items() if k.startswith("critic.")]
         self.target_params = [p for k, p in self.params.items() if k.startswith("target_critic.")]
@@ -386,12 +400,12 @@ class FQLAgent:
             self.policy = torch.compile(self.policy_eager, dynamic=False, mode="reduce-overhead")
 
     def losses_eager(self, batch, noise, with_metrics=False):
-        """The sum of the seeds' losses, and each seed's metrics: fql_losses mapped over seeds."""
-        def seed_losses(seed_params, seed_batch, seed_noise):
-            inputs = (seed_batch, seed_noise, self.cfg, with_metrics)
-            return torch.func.functional_call(self.nets, seed_params, inputs)
+        """The sum of the agents' losses, and each one's metrics: fql_losses mapped over agents."""
+        def agent_losses(params, agent_batch, agent_noise, alpha):
+            inputs = (agent_batch, agent_noise, alpha, self.cfg, with_metrics)
+            return torch.func.functional_call(self.nets, params, inputs)
 
-        losses, metrics = torch.vmap(seed_losses)(self.params, batch, noise)
+        losses, metrics = torch.vmap(agent_losses)(self.params, batch, noise, self.alphas)
         return losses.sum(), metrics
 
     def update(self, batch, noise, with_metrics=False):
@@ -408,8 +422,8 @@ class FQLAgent:
         return metrics
 
     def draw(self, sample):
-        """(batch, noise) of one update, each seed's from its own generator."""
-        batch = sample(self.cfg.batch_size, self.generators)
+        """(batch, noise) of one update, each agent's from its own generator (and task)."""
+        batch = sample(self.cfg.batch_size, self.generators, self.tasks)
         noise = draw_noise(self.cfg.batch_size, self.nets.chunk_dim, self.cfg.device,
                            self.generators)
         return batch, noise
@@ -418,70 +432,80 @@ class FQLAgent:
         return self.update(*self.draw(sample), with_metrics)
 
     def policy_eager(self, obs, z):
-        """mu(s, z) clipped to [-1, 1] (with --horizon, a chunk of actions); each seed's
+        """mu(s, z) clipped to [-1, 1] (with --horizon, a chunk of actions); each agent's
         observations through its own policy."""
-        actions = [nets.actor_onestep(o, n) for nets, o, n in zip(self.seed_nets, obs, z)]
+        actions = [nets.actor_onestep(o, n) for nets, o, n in zip(self.agent_nets, obs, z)]
         return torch.stack(actions).clamp(-1, 1)
 
     @torch.no_grad()
-    def act(self, observations):
-        """The stochastic policy on (seeds, ..., *observation) arrays: fresh z ~ N(0, I) from the
-        global torch generator (not the seeds' training streams), drawn outside the compiled policy
-        so that the compiled and the eager policy act alike."""
+    def act(self, observations, generators):
+        """The stochastic policy on (agents, ..., *observation) arrays: fresh z ~ N(0, I) for each
+        row of the leading dimensions from its own generator in `generators` (CPU generators, in
+        the rows' order), not from the training streams. eval.py seeds one for each episode, so an
+        episode's actions depend on its own seed only, on any device. z is drawn outside the
+        compiled policy, so that the compiled and the eager policy act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
-        z_shape = (*obs.shape[: -len(self.nets.observation_shape)], self.nets.chunk_dim)
-        z = torch.randn(z_shape, device=obs.device)
-        return self.policy(obs, z).cpu().numpy()
+        rows = obs.shape[: -len(self.nets.observation_shape)]
+        z = torch.stack([torch.randn(self.nets.chunk_dim, generator=g) for g in generators])
+        return self.policy(obs, z.view(*rows, -1).to(obs.device)).cpu().numpy()
 
-    def state_dict(self, seed_index=0):
-        """One seed's networks and Adam state, as a one-seed agent's (copies: a view would save the
-        whole group's storage)."""
+    def state_dict(self, index=0):
+        """Agent `index`'s networks and Adam state, as a one-agent FQLAgent's (copies: a view would
+        save the whole grid's storage)."""
         # a new dict of copies: the dicts in optimizer.state_dict()["state"] are Adam's live ones
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {
-            i: {k: (v if k == "step" else v[seed_index]).clone() for k, v in state.items()}
+            i: {k: (v if k == "step" else v[index]).clone() for k, v in state.items()}
             for i, state in optimizer["state"].items()
         }
-        nets = {k: v[seed_index].clone() for k, v in self.params.items()}
+        nets = {k: v[index].clone() for k, v in self.params.items()}
         return dict(nets=nets, optimizer=optimizer)
 
     def load_state_dicts(self, states):
-        """Restore every seed from its one-seed state dict; Adam's own flags (fused, capturable)
+        """Restore every agent from its one-agent state dict; Adam's own flags (fused, capturable)
         stay those of this device's."""
-        for nets, state in zip(self.seed_nets, states):
+        for nets, state in zip(self.agent_nets, states):
             nets.load_state_dict(state["nets"])
         optimizer = self.optimizer.state_dict()
         for i, saved in states[0]["optimizer"]["state"].items():  # empty before the first update
-            seeds = [state["optimizer"]["state"][i] for state in states]
-            moments = {k: torch.stack([s[k] for s in seeds]) for k in ("exp_avg", "exp_avg_sq")}
+            agents = [state["optimizer"]["state"][i] for state in states]
+            moments = {k: torch.stack([a[k] for a in agents]) for k in ("exp_avg", "exp_avg_sq")}
             optimizer["state"][i] = dict(saved, **moments)
         self.optimizer.load_state_dict(optimizer)
 
 
-def stack_parameters(seed_nets):
-    """{name: the seeds' parameters stacked}; each seed's module then holds views of its slice, so
-    it always shows the current values. (Moving or casting a seed's module afterwards, .to() or
-    .double(), would part it from the stacked tensors the optimiser trains: build the networks
+def stack_parameters(agent_nets):
+    """{name: the agents' parameters stacked}; each agent's module then holds views of its slice,
+    so it always shows the current values. (Moving or casting an agent's module afterwards, .to()
+    or .double(), would part it from the stacked tensors the optimiser trains: build the networks
     where and as they will train, as make_agent does.)"""
-    params, _ = torch.func.stack_module_state(seed_nets)
+    params, _ = torch.func.stack_module_state(agent_nets)
     for name, stacked in params.items():
         module_name, _, param_name = name.rpartition(".")
-        for seed, nets in enumerate(seed_nets):
-            view = nn.Parameter(stacked.detach()[seed], requires_grad=stacked.requires_grad)
+        for i, nets in enumerate(agent_nets):
+            view = nn.Parameter(stacked.detach()[i], requires_grad=stacked.requires_grad)
             setattr(nets.get_submodule(module_name), param_name, view)
     return params
 
 
+def agent_grid(cfg):
+    """(task, alpha, seed) of each agent: every combination of cfg's lists, in this order; a task
+    is its index in cfg.tasks (0 for an env of one task), its column of the rewards and masks."""
+    return list(itertools.product(range(len(cfg.tasks or [0])), cfg.alphas or [cfg.alpha],
+                                  cfg.seeds))
+
+
 def make_agent(cfg, observation_shape, action_dim):
-    """An agent of cfg.seeds: each seed's networks, then its generator, from
-    torch.manual_seed(seed), so that seed N of a group starts as `--seed N` alone does."""
-    seed_nets = []
+    """The agents of cfg (agent_grid): each one's networks, then its generator, from
+    torch.manual_seed(seed), so that an agent of a grid starts as its run alone does."""
+    agent_nets = []
     generators = []
-    for seed in cfg.seeds:
+    for _, _, seed in agent_grid(cfg):
         torch.manual_seed(seed)
-        seed_nets.append(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device))
+        agent_nets.append(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device))
         generators.append(torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ()))))
-    return FQLAgent(seed_nets, cfg, generators)
+    tasks, alphas, _ = zip(*agent_grid(cfg))
+    return FQLAgent(agent_nets, cfg, generators, alphas, tasks)
 
 
 class CUDAGraphStep:
@@ -609,32 +633,49 @@ def resolve_config(cfg):
     if device not in ["cpu", *cuda_devices]:
         raise UsageError(f"--device {device}: give auto, cpu, or cuda[:N] for one of this "
                          f"machine's {gpus} CUDA GPUs")
-    if cfg.seed is not None and cfg.seeds and cfg.seed != cfg.seeds[0]:
-        raise UsageError("give --seed N or --seeds N1 N2 ..., not both")
     seeds = tuple(cfg.seeds or (cfg.seed or 0,))
-    if len(set(seeds)) < len(seeds):
-        raise UsageError(f"--seeds has a seed twice: {' '.join(map(str, seeds))}")
-    run_dir = cfg.run_dir or f"runs/{cfg.env}__seed{{seed}}"
-    if len(seeds) > 1 and "{seed}" not in run_dir:
-        run_dir += "/seed{seed}"  # a group's runs: one folder per seed
-    if len(seeds) == 1:
-        run_dir = run_dir.replace("{seed}", str(seeds[0]))
+    for name, values in (("seed", seeds), ("alpha", cfg.alphas)):  # --seed 1 = --seeds 1
+        if values and getattr(cfg, name) not in (None, values[0]):
+            raise UsageError(f"give --{name} or --{name}s, not both")
+    if cfg.alphas:
+        filled["alpha"] = cfg.alphas[0]
+    if cfg.tasks and ("-singletask" not in env_name or re.search(r"-task\d", cfg.env)):
+        raise UsageError(f"--tasks is for OGBench envs named without a task (ogbench-cube-single, "
+                         f"not ogbench-cube-single-task2); {cfg.env} is not one")
+    if cfg.tasks:  # the grid's env: one of OGBench's single-task envs, its task left out
+        env_name = re.sub(r"-task\d+-v0$", "-v0", env_name)
+    for name, values in (("seeds", seeds), ("tasks", cfg.tasks), ("alphas", cfg.alphas)):
+        if values and len(set(values)) < len(values):
+            raise UsageError(f"--{name} has a value twice: {' '.join(map(str, values))}")
+    # each agent's folder names the axes the user gave lists for, and its seed
+    axes = ["task{task}"] * bool(cfg.tasks) + ["alpha{alpha}"] * bool(cfg.alphas) + ["seed{seed}"]
+    run_dir = cfg.run_dir or f"runs/{cfg.env}__" + "__".join(axes)
+    agents = len(seeds) * len(cfg.tasks or [0]) * len(cfg.alphas or [0])
+    if agents > 1 and "{seed}" not in run_dir:
+        run_dir += "/" + "__".join(axes)
+    if agents == 1:
+        run_dir = fill_run_dir(run_dir, (cfg.tasks or [0])[0], filled.get("alpha", cfg.alpha),
+                               seeds[0])
     cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=os.path.normpath(run_dir),
                               seed=seeds[0], seeds=seeds, **filled)
 
     # nan fails every comparison, so these checks refuse it too
-    for name in ("batch_size", "flow_steps", "horizon", "lr", "buffer_size", "log_interval",
-                 "save_interval", "eval_episodes"):
-        if not 0 < getattr(cfg, name) < math.inf:
-            raise UsageError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("alpha", "offline_steps", "online_steps", "eval_interval"):
-        if not 0 <= getattr(cfg, name) < math.inf:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("discount", "p_aug"):
-        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) <= 1:
-            raise UsageError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
-    if not 0 < cfg.tau <= 1:
-        raise UsageError(f"--tau must be in (0, 1], got {cfg.tau}")
+    rules = {
+        "must be positive": (lambda v: 0 < v < math.inf, "batch_size", "flow_steps", "horizon",
+                             "lr", "buffer_size", "log_interval", "save_interval", "eval_episodes"),
+        "must be >= 0": (lambda v: 0 <= v < math.inf, "alphas", "alpha", "offline_steps",
+                         "online_steps", "eval_interval"),
+        "must be in [0, 1]": (lambda v: 0 <= v <= 1, "discount", "p_aug"),
+        "must be in (0, 1]": (lambda v: 0 < v <= 1, "tau"),
+        "must be among OGBench's tasks, 1 to 5": (lambda v: 1 <= v <= 5, "tasks"),
+        "must be in [0, 2**32), numpy's seeds": (lambda v: 0 <= v < 2**32, "seeds"),
+    }
+    for rule, (valid, *names) in rules.items():
+        for name in names:
+            value = getattr(cfg, name)
+            for v in value if isinstance(value, tuple) else [value]:
+                if v is not None and not valid(v):
+                    raise UsageError(f"--{name} {rule}, got {v}")
     if cfg.offline_steps + cfg.online_steps == 0:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
     pixels = cfg.env.startswith("visual-")
@@ -646,10 +687,16 @@ def resolve_config(cfg):
     if pixels and (cfg.online_steps or cfg.horizon > 1):
         raise UsageError("fine-tuning and --horizon > 1 are not supported on pixels: their "
                          "batches would hold stacked frames per step")
-    if len(seeds) > 1 and (cfg.online_steps or cfg.wandb_project):
-        raise UsageError("--online_steps and --wandb_project take one seed; fine-tune each seed's "
-                         "run with eval.py finetune, or log one --seed per run")
+    if agents > 1 and (cfg.online_steps or cfg.wandb_project):
+        raise UsageError("--online_steps and --wandb_project take one agent; fine-tune each "
+                         "agent's run with eval.py finetune, or log one run per process")
     return cfg
+
+
+def fill_run_dir(run_dir, task, alpha, seed):
+    """An agent's folder: its task, alpha and seed in the grid's run_dir."""
+    return run_dir.replace("{task}", str(task)).replace("{alpha}", f"{alpha:g}").replace(
+        "{seed}", str(seed))
 
 
 # ---- Datasets: OGBench and D4RL, moved to the device once; batches are sampled there -------------
@@ -664,31 +711,35 @@ def quiet_simulators():
     warnings.filterwarnings("ignore", ".*not in the possible render_modes", UserWarning)
 
 
-def load_datasets(env_name, dataset_dir):
-    """(train, validation) transitions with the rewards and masks of the env's task (D4RL: no
-    validation split); missing files are downloaded."""
+def load_datasets(env_names, dataset_dir):
+    """(train, validation) transitions of the envs `env_names` (the tasks of one OGBench dataset,
+    or one D4RL dataset, which has no validation split): a column of rewards and of masks for
+    each; missing files are downloaded."""
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # a blocked network should fail, not hang forever
     try:
-        if env_name in D4RL:
-            return load_d4rl(env_name), None
-        return load_ogbench(env_name, dataset_dir)
+        if env_names[0] in D4RL:
+            return load_d4rl(env_names[0]), None
+        return load_ogbench(env_names, dataset_dir)
     finally:
         socket.setdefaulttimeout(timeout)
 
 
-def load_ogbench(env_name, dataset_dir):
-    """OGBench's train and validation splits, relabelled for the env's task."""
+def load_ogbench(env_names, dataset_dir):
+    """OGBench's train and validation splits, loaded once, with every task's rewards and masks."""
     quiet_simulators()
     import ogbench
+    from ogbench.relabel_utils import relabel_dataset
 
+    env_name = env_names[0]
     dataset_name = re.sub(r"-singletask(-task\d+)?", "", env_name)  # cube-single-play-v0
     dataset_dir = os.path.expanduser(dataset_dir)
     files = [os.path.join(dataset_dir, f"{dataset_name}{split}.npz") for split in ("", "-val")]
     missing = not all(map(os.path.exists, files))
     try:  # pixel datasets stay compact: each frame once, s' = the next row
         env, train, val = ogbench.make_env_and_datasets(
-            env_name, dataset_dir=dataset_dir, compact_dataset=env_name.startswith("visual-"))
+            env_name, dataset_dir=dataset_dir, compact_dataset=env_name.startswith("visual-"),
+            add_info=True)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         if missing:
             raise UsageError(f"dataset files {files[0]} and {files[1]} are missing and could not "
@@ -698,7 +749,18 @@ def load_ogbench(env_name, dataset_dir):
         raise UsageError(f"{' or '.join(broken)} is not a readable OGBench dataset "
                          f"({type(err).__name__}; an interrupted download?): delete it to download "
                          "it again, or copy a whole one there") from None
-    env.close()  # it relabelled the rewards for its task; eval.py makes its own environments
+    env.close()  # eval.py makes its own environments
+    # Each task's rewards and masks, a column per task, from the states the dataset holds (qpos,
+    # button_states): OGBench's own relabelling, as make_env_and_datasets does for one task
+    envs = [ogbench.make_env_and_datasets(name, env_only=True) for name in env_names]
+    for dataset in (train, val):
+        columns = []
+        for name, env in zip(env_names, envs):
+            relabel_dataset(name, env, dataset)
+            columns.append((dataset["rewards"], dataset["masks"]))
+        dataset["rewards"], dataset["masks"] = (np.stack(c, axis=-1) for c in zip(*columns))
+    for env in envs:
+        env.close()
     return train, val
 
 
@@ -767,6 +829,8 @@ def to_device(dataset, device, frame_stack=None, sparse=False):
     for k in keys:
         if k in dataset:
             data[k] = torch.as_tensor(np.asarray(dataset[k][rows], dtype=np.float32), device=device)
+    for k in ("rewards", "masks"):  # a column per task (one but for a grid's OGBench tasks)
+        data[k] = data[k].reshape(len(data[k]), -1)
     # as the official code: the flow never has to reach exactly +-1
     data["actions"] = data["actions"].clamp(-1 + 1e-5, 1 - 1e-5)
     if sparse:  # QC's --sparse: -1 until the task is solved (reward 0 in OGBench), then 0
@@ -774,19 +838,20 @@ def to_device(dataset, device, frame_stack=None, sparse=False):
     return data
 
 
-def sample_batch(data, batch_size, generators=(None,), p_aug=None, cfg=None):
-    """Uniform transitions, a batch per generator along a leading seed dimension: each seed draws
-    its own rows, then one gather per array serves every seed, on the device. With cfg.horizon
-    > 1, windows of that many rows (`gather`). Pixels: the frames are stacked along the channels,
-    oldest first, then randomly shifted with probability p_aug."""
+def sample_batch(data, batch_size, generators=(None,), tasks=(0,), p_aug=None, cfg=None):
+    """Uniform transitions, a batch per generator along a leading agent dimension: each agent
+    draws its own rows, then one gather per array serves every agent, on the device; agent k's
+    rewards and masks come from column tasks[k]. With cfg.horizon > 1, windows of that many rows
+    (`gather`). Pixels: the frames are stacked along the channels, oldest first, then randomly
+    shifted with probability p_aug."""
     rows = len(data["actions"]) - (cfg.horizon - 1 if cfg else 0)  # where a window can start
     idx = torch.stack([
         torch.randint(rows, (batch_size,), device=data["actions"].device, generator=g)
         for g in generators
     ])
-    batch = gather(data, idx, cfg)
+    batch = gather(data, idx, tasks, cfg)
     if "frames" in data:
-        frames = data["frames"][batch.pop("frame_rows")]  # (seeds, batch, frame_stack + 1, H, W, C)
+        frames = data["frames"][batch.pop("frame_rows")]  # (agents, batch, frames + 1, H, W, C)
         batch["observations"] = frames[:, :, :-1].movedim(2, -2).flatten(-2)
         batch["next_observations"] = frames[:, :, 1:].movedim(2, -2).flatten(-2)
         if p_aug:
@@ -795,21 +860,25 @@ def sample_batch(data, batch_size, generators=(None,), p_aug=None, cfg=None):
     return batch
 
 
-def gather(data, idx, cfg=None):
-    """The batch of rows `idx` (seeds, batch). With cfg.horizon H > 1, QC's windows of H rows
-    from each (its sample_sequence; a window may cross an episode's end): s_t, the actions
-    a_t..a_{t+H-1} flattened time-major (FQL-n: a_t alone), the discounted reward sum, the masks'
-    minimum, s_{t+H}, and `valid`: a step of the window counts unless an episode ended before it."""
+def gather(data, idx, tasks=(0,), cfg=None):
+    """The batch of rows `idx` (agents, batch), agent k's rewards and masks from column tasks[k].
+    With cfg.horizon H > 1, QC's windows of H rows from each (its sample_sequence; a window may
+    cross an episode's end): s_t, the actions a_t..a_{t+H-1} flattened time-major (FQL-n: a_t
+    alone), the discounted reward sum, the masks' minimum, s_{t+H}, and `valid`: a step of the
+    window counts unless an episode ended before it."""
+    task = torch.as_tensor(tasks, device=idx.device)[:, None]  # (agents, 1)
     if not cfg or cfg.horizon == 1:
-        return {k: v[idx] for k, v in data.items() if k not in ("frames", "terminals")}
+        return {k: v[idx, task] if k in ("rewards", "masks") else v[idx]
+                for k, v in data.items() if k not in ("frames", "terminals")}
     steps = torch.arange(cfg.horizon, device=idx.device)
-    rows = idx[..., None] + steps  # (seeds, batch, H)
+    rows = idx[..., None] + steps  # (agents, batch, H)
+    task = task[..., None]
     actions = data["actions"][rows]
     ended = data["terminals"][rows].cummax(dim=-1).values  # an episode ended here or before
     return dict(
         actions=actions.flatten(-2) if cfg.action_chunking else actions[..., 0, :],
-        rewards=(data["rewards"][rows] * cfg.discount**steps).sum(-1),
-        masks=data["masks"][rows].amin(-1),
+        rewards=(data["rewards"][rows, task] * cfg.discount**steps).sum(-1),
+        masks=data["masks"][rows, task].amin(-1),
         observations=data["observations"][idx],
         next_observations=data["next_observations"][rows[..., -1]],
         valid=1 - F.pad(ended[..., :-1], (1, 0)),  # the first step always counts
@@ -817,11 +886,11 @@ def gather(data, idx, cfg=None):
 
 
 def random_shift(observations, next_observations, p_aug, generators=(None,), pad=3):
-    """With probability p_aug (per seed and update), shift each image of (seed, sample, H, W, C)
+    """With probability p_aug (per agent and update), shift each image of (agent, sample, H, W, C)
     batches by up to `pad` pixels (edge padding, then a crop), s and s' of a sample alike, each
     sample its own way. An unshifted batch takes the offset (pad, pad), so that the same kernels
     run either way and a CUDA graph holds the step."""
-    seeds, batch, height, width = observations.shape[:4]
+    agents, batch, height, width = observations.shape[:4]
     device = observations.device
     offsets = torch.stack([torch.randint(0, 2 * pad + 1, (batch, 2), device=device, generator=g)
                            for g in generators])
@@ -829,9 +898,9 @@ def random_shift(observations, next_observations, p_aug, generators=(None,), pad
     offsets = torch.where(draws[:, None, None] < p_aug, offsets, pad) - pad
     rows = (torch.arange(height, device=device) + offsets[..., :1]).clamp(0, height - 1)
     cols = (torch.arange(width, device=device) + offsets[..., 1:]).clamp(0, width - 1)
-    seed = torch.arange(seeds, device=device)[:, None, None, None]
+    agent = torch.arange(agents, device=device)[:, None, None, None]
     sample = torch.arange(batch, device=device)[:, None, None]
-    return [images[seed, sample, rows[..., :, None], cols[..., None, :]]
+    return [images[agent, sample, rows[..., :, None], cols[..., None, :]]
             for images in (observations, next_observations)]
 
 
@@ -851,11 +920,27 @@ RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", 
                      "wandb_project", "dataset_dir"}
 
 
+def write_atomically(path, write, rename=True):
+    """write(path + ".tmp"), then its rename to `path` (rename=False: the caller's), so that a kill
+    leaves the old file or the new one whole. A write that fails (a full disk: torch.save raises
+    a RuntimeError there) ends in one line, its partial file removed."""
+    try:
+        write(path + ".tmp")
+    except (OSError, RuntimeError) as err:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UsageError(f"could not write {path} ({str(err).splitlines()[0]}; is the disk "
+                         "full?). The last checkpoint in that folder is whole: the same command "
+                         "with --resume continues from it once there is space") from None
+    if rename:
+        os.replace(path + ".tmp", path)
+
+
 def save_checkpoints(agent, step, runs, online_state=None):
-    """Each seed's checkpoint.pt (with fine-tuning's `online_state`), unless its parameters
+    """Each agent's checkpoint.pt (with fine-tuning's `online_state`), unless its parameters
     diverged: all written to temporary files first, then renamed, so that a kill leaves the
     previous ones whole."""
-    for run, params in zip(runs, zip(*agent.params.values())):  # one host synchronisation a seed
+    for run, params in zip(runs, zip(*agent.params.values())):  # one host synchronisation each
         if not torch.stack([p.isfinite().all() for p in params]).all():
             stop_diverged(f"its parameters are not finite at step {step}", run.run_dir)
     paths = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
@@ -864,10 +949,10 @@ def save_checkpoints(agent, step, runs, online_state=None):
     for i, (run, path) in enumerate(zip(runs, paths)):
         rng = dict(generator=agent.generators[i].get_state(), torch=torch.get_rng_state(),
                    numpy=numpy_state, cuda=torch.cuda.get_rng_state_all())  # [] without a GPU
-        torch.save(dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run),
-                        action_dim=agent.nets.action_dim,
-                        observation_shape=agent.nets.observation_shape, buffer=online_state,
-                        rng=rng), path + ".tmp")
+        state = dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run),
+                     action_dim=agent.nets.action_dim, buffer=online_state, rng=rng,
+                     observation_shape=agent.nets.observation_shape)
+        write_atomically(path, functools.partial(torch.save, state), rename=False)
     for path in paths:
         os.replace(path + ".tmp", path)
 
@@ -897,7 +982,7 @@ def read_checkpoint(path):
         config = Config(**state["config"])  # a field this fql.py does not have: TypeError
         missing = {"optimizer", "rng", "step", "buffer"} - state.keys()
         missing |= dataclasses.asdict(config).keys() - state["config"].keys()
-        missing -= {"horizon", "action_chunking", "sparse"}  # added since: defaults as before
+        missing -= {"horizon", "action_chunking", "sparse", "tasks", "alphas"}  # added since
         if missing:
             raise KeyError(", ".join(sorted(missing)))
         state["config"] = dataclasses.asdict(config)
@@ -913,9 +998,9 @@ def read_checkpoint(path):
 
 
 def load_checkpoints(agent, runs):
-    """Resume a killed run: each seed's checkpoint read and checked (its config may differ only
+    """Resume a killed run: each agent's checkpoint read and checked (its config may differ only
     in RESUMABLE_CHANGES), then its networks, Adam's state and random streams restored; returns
-    the first seed's checkpoint."""
+    the first agent's checkpoint."""
     states = []
     for run in runs:
         states.append(read_checkpoint(os.path.join(run.run_dir, "checkpoint.pt")))
@@ -931,7 +1016,7 @@ def load_checkpoints(agent, runs):
             generator.set_state(state["rng"]["generator"])
         except (KeyError, RuntimeError, TypeError):  # a generator of another kind of device
             generator.manual_seed(run.seed * 1_000_003 + state["step"])  # a new stream
-    rng = states[0]["rng"]  # the global streams, the same in every seed's checkpoint
+    rng = states[0]["rng"]  # the global streams, the same in every agent's checkpoint
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     if rng["cuda"] and len(rng["cuda"]) <= torch.cuda.device_count():  # [] or None: no GPU
@@ -955,17 +1040,19 @@ class CSVLog:
     def write(self, row=None):
         if row:
             self.rows.append(row)
+        write_atomically(self.path, self.write_rows)
+
+    def write_rows(self, path):
         columns = dict.fromkeys(k for row in self.rows for k in row)  # every row's, in order
-        with open(self.path + ".tmp", "w", newline="") as f:
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(self.path + ".tmp", self.path)
 
 
 class RunLog:
-    """Every seed's train.csv and eval.csv, Weights & Biases (the first seed's rows), and the
-    progress bar over the steps still to run."""
+    """Every agent's train.csv and eval.csv, Weights & Biases (one agent's rows), and the progress
+    bar over the steps still to run."""
 
     def __init__(self, cfg, runs, start, total_steps):
         self.files = {name: [CSVLog(os.path.join(run.run_dir, name), start) for run in runs]
@@ -984,14 +1071,14 @@ class RunLog:
         self.timer = (time.time(), start)  # updates/s since the last row, evaluations left out
 
     def train(self, step, metrics, extra):
-        """A train.csv row per seed: its metrics, `extra` and the updates/s since the last row."""
+        """A train.csv row per agent: its metrics, `extra` and the updates/s since the last row."""
         extra["time/updates_per_sec"] = (step - self.timer[1]) / (time.time() - self.timer[0])
-        values = torch.stack(list(metrics.values()), dim=1).tolist()  # (seeds, metrics)
+        values = torch.stack(list(metrics.values()), dim=1).tolist()  # (agents, metrics)
         self.write("train.csv", step, [{**dict(zip(metrics, v)), **extra} for v in values])
         self.timer = (time.time(), step)
 
     def evaluation(self, step, results):
-        """An eval.csv row per seed."""
+        """An eval.csv row per agent."""
         rows = [{f"evaluation/{k}": v for k, v in result.items()} for result in results]
         self.write("eval.csv", step, rows)
         successes = " ".join(f"{result['success']:.3f}" for result in results)
@@ -999,7 +1086,7 @@ class RunLog:
         self.timer = (time.time(), self.timer[1])
 
     def write(self, name, step, rows):
-        """A row per seed in its `name` file; a number that is not finite stops the run."""
+        """A row per agent in its `name` file; a number that is not finite stops the run."""
         for log, row in zip(self.files[name], rows):
             log.write({"step": step, **row})
             for key, value in row.items():
@@ -1016,13 +1103,15 @@ def stop_diverged(what, run_dir):
 
 
 # ---- Training loop -------------------------------------------------------------------------------
-def seed_runs(cfg):
-    """Each seed's run (the config `--seed N` gives alone), or one clear line, before anything is
-    loaded or written, if its folder holds another run. With --resume, a group killed between its
-    checkpoints' renames is mended: every .tmp was whole before the first seed's was renamed."""
+def agent_runs(cfg):
+    """Each agent's run: the config its run alone has (--env <env>-task<t> --alpha <a> --seed <s>),
+    in its own folder; or one clear line, before anything is loaded or written, if a folder holds
+    another run. With --resume, a grid killed between its checkpoints' renames is mended: every
+    .tmp was whole before the first agent's was renamed."""
     runs = []
-    for seed in cfg.seeds:
-        run_dir = cfg.run_dir.replace("{seed}", str(seed))
+    for task, alpha, seed in agent_grid(cfg):
+        task = cfg.tasks[task] if cfg.tasks else None
+        run_dir = fill_run_dir(cfg.run_dir, task, alpha, seed)
         checkpoint = os.path.join(run_dir, "checkpoint.pt")
         if os.path.exists(checkpoint) and not cfg.resume:
             raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or "
@@ -1030,13 +1119,15 @@ def seed_runs(cfg):
         renamed = runs and not os.path.exists(os.path.join(runs[0].run_dir, "checkpoint.pt.tmp"))
         if cfg.resume and renamed and os.path.exists(checkpoint + ".tmp"):
             os.replace(checkpoint + ".tmp", checkpoint)
-        runs.append(dataclasses.replace(cfg, seed=seed, seeds=(seed,), run_dir=run_dir))
+        env = re.sub(r"-v0$", f"-task{task}-v0", cfg.env) if task else cfg.env
+        runs.append(dataclasses.replace(cfg, env=env, tasks=None, alpha=alpha, alphas=None,
+                                        seed=seed, seeds=(seed,), run_dir=run_dir))
     return runs
 
 
 def open_run(cfg, runs, agent, online):
-    """The step to start from: with --resume, each seed's networks, optimiser, random streams (and
-    fine-tuning's buffer) come from its checkpoint. Then each seed's config.json is written."""
+    """The step to start from: with --resume, each agent's networks, optimiser, random streams
+    (and fine-tuning's buffer) come from its checkpoint. Then each one's config.json is written."""
     start = 0
     if cfg.resume and os.path.exists(os.path.join(runs[0].run_dir, "checkpoint.pt")):
         state = load_checkpoints(agent, runs)
@@ -1047,37 +1138,41 @@ def open_run(cfg, runs, agent, online):
         print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting from the beginning")
     for run in runs:  # written once the run is accepted
         os.makedirs(run.run_dir, exist_ok=True)
-        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(run), f, indent=1)
+        config = json.dumps(dataclasses.asdict(run), indent=1)
+        write_atomically(os.path.join(run.run_dir, "config.json"),
+                         lambda path: pathlib.Path(path).write_text(config))
     return start
 
 
 def train(cfg, evaluate=None, finetuning=None):
-    """Algorithm 1 for every seed of cfg.seeds: offline steps, then with --online_steps fine-tuning.
-    eval.py gives the env side (without it, no evaluation): `evaluate(policy, seeds)` -> a result
-    per seed, whose episode i starts from reset(seed=seeds[k] + i); `finetuning(cfg, train_data)`
-    -> an object as eval.Finetuning (collect, sample, log, state dicts)."""
+    """Algorithm 1 for every agent of cfg: offline steps, then with --online_steps fine-tuning.
+    eval.py gives the env side (without it, no evaluation): `evaluate(policy, runs, step)` -> a
+    result per agent, run k's episode i in runs[k].env from reset(seed=runs[k].seed + step + i);
+    `finetuning(cfg, train_data)` -> an object as eval.Finetuning (collect, sample, log, state
+    dicts)."""
     cfg = resolve_config(cfg)
-    runs = seed_runs(cfg)
+    runs = agent_runs(cfg)
     np.random.seed(cfg.seed)
     # TF32 matmuls on the GPU, as JAX does by default
     torch.set_float32_matmul_precision("high" if cfg.device.startswith("cuda") else "highest")
 
-    train_set, val_set = load_datasets(cfg.env, cfg.dataset_dir)
-    # one copy on the device, shared by all seeds
-    train_data = to_device(train_set, cfg.device, cfg.frame_stack, cfg.sparse)
+    # one copy on the device, shared by all agents; a column of rewards and masks per task
+    splits = load_datasets(list(dict.fromkeys(run.env for run in runs)), cfg.dataset_dir)
+    splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse) for split in splits if split]
+    if min(len(split["actions"]) for split in splits) < cfg.horizon:
+        raise UsageError(f"--horizon {cfg.horizon} is longer than a split of {cfg.env}'s dataset")
+    train_data = splits[0]
     observation_shape = stacked_shape(train_data)
     agent = make_agent(cfg, observation_shape, train_data["actions"].shape[1])
     sample = functools.partial(sample_batch, train_data, p_aug=cfg.p_aug, cfg=cfg)
     offline_step = make_train_step(agent, sample)
     validation = None
-    if val_set:
-        val_data = to_device(val_set, cfg.device, cfg.frame_stack, cfg.sparse)
-        validation = functools.partial(sample_batch, val_data, cfg=cfg)
+    if len(splits) > 1:
+        validation = functools.partial(sample_batch, splits[1], cfg=cfg)
     online = finetuning(cfg, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
     start = open_run(cfg, runs, agent, online)
-    print(f"FQL on {cfg.env}, alpha {cfg.alpha}, in {cfg.run_dir}")
+    print(f"FQL on {cfg.env}, alpha {cfg.alphas or cfg.alpha}, in {cfg.run_dir}")
     total_steps = cfg.offline_steps + cfg.online_steps
     log = RunLog(cfg, runs, start, total_steps)
     # A cluster sends SIGTERM before it preempts or requeues a job (SLURM: SIGKILL follows after a
@@ -1103,7 +1198,7 @@ def train(cfg, evaluate=None, finetuning=None):
 
             last = step == total_steps
             if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
-                log.evaluation(step, evaluate(agent.act, [seed + step for seed in cfg.seeds]))
+                log.evaluation(step, evaluate(agent.act, runs, step))
 
             if step % cfg.save_interval == 0 or last or stop:
                 save_checkpoints(agent, step, runs, online.state_dict() if online else None)
@@ -1140,6 +1235,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("fql.py: interrupted; the same command with --resume continues from the last "
                  "checkpoint")
+    except RuntimeError as err:  # out of memory: torch.OutOfMemoryError on a GPU
+        if not re.search("out of memory|can't allocate memory", str(err)):
+            raise
+        sys.exit(f"fql.py: error: out of memory on {cfg.device} with {len(agent_grid(cfg))} "
+                 f"agents and --batch_size {cfg.batch_size}: train fewer agents per process, or "
+                 "smaller batches")
 
 
 if __name__ == "__main__":

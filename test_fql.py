@@ -7,9 +7,11 @@ import copy
 import csv
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +49,12 @@ def make_config(**overrides) -> fql.Config:
 
 def make_agent(obs_dim: int, action_dim: int, cfg: fql.Config) -> fql.FQLAgent:
     """A one-seed agent whose networks come from the global torch RNG."""
-    return fql.FQLAgent([fql.FQLNetworks((obs_dim,), action_dim, cfg)], cfg, [torch.Generator()])
+    return fql.FQLAgent([fql.FQLNetworks((obs_dim,), action_dim, cfg)], cfg, [torch.Generator()], [cfg.alpha], [0])
+
+
+def generators(n: int) -> list:
+    """The policy's noise generators for n rows, seeded 0 .. n - 1 (as evaluation seeds one per episode)."""
+    return [torch.Generator().manual_seed(k) for k in range(n)]
 
 
 def one(inputs: dict) -> dict:
@@ -165,7 +172,7 @@ def float64_setup(**cfg_overrides):
 # ----------------------------------------------------------------------------------------------
 def assert_losses_are(nets, batch, noise, cfg) -> dict:
     """fql_losses equal the direct formulas (manual_losses) term by term, in float64; returns those."""
-    total, metrics = fql.fql_losses(nets, batch, noise, cfg, with_metrics=True)
+    total, metrics = fql.fql_losses(nets, batch, noise, cfg.alpha, cfg, with_metrics=True)
     expected = manual_losses(nets, batch, noise, cfg)
     close = dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(metrics["critic/critic_loss"], expected["critic"], **close)
@@ -225,8 +232,8 @@ def test_noise_draws_are_independent_and_follow_the_generator():
 
 def test_min_and_mean_aggregation_give_different_targets():
     cfg_mean, nets, batch, noise = float64_setup(q_agg="mean")
-    loss_mean = fql.fql_losses(nets, batch, noise, cfg_mean, True)[1]["critic/critic_loss"]
-    loss_min = fql.fql_losses(nets, batch, noise, dataclasses.replace(cfg_mean, q_agg="min"), True)[1]
+    loss_mean = fql.fql_losses(nets, batch, noise, cfg_mean.alpha, cfg_mean, True)[1]["critic/critic_loss"]
+    loss_min = fql.fql_losses(nets, batch, noise, cfg_mean.alpha, dataclasses.replace(cfg_mean, q_agg="min"), True)[1]
     assert not torch.isclose(loss_mean, loss_min["critic/critic_loss"])
 
 
@@ -242,7 +249,7 @@ def test_gradients_flow_only_where_they_must(normalize_q_loss):
     the distillation target sends nothing into the BC flow, the Q term nothing into the critic,
     and the critic loss (through a') nothing into the one-step policy."""
     cfg, nets, batch, noise = float64_setup(normalize_q_loss=normalize_q_loss)
-    total, _ = fql.fql_losses(nets, batch, noise, cfg)
+    total, _ = fql.fql_losses(nets, batch, noise, cfg.alpha, cfg)
     e = manual_losses(nets, batch, noise, cfg)
     own_terms = {"critic": e["critic"], "actor_bc_flow": e["bc"],
                  "actor_onestep": cfg.alpha * e["distill"] + e["q_loss"]}
@@ -257,7 +264,7 @@ def test_gradients_flow_only_where_they_must(normalize_q_loss):
     assert all(not p.requires_grad for p in nets.target_critic.parameters())
     # the agent's loss (fql_losses mapped by torch.vmap over its stacked parameters) sends the same gradients
     expected = {name: grads(own, getattr(nets, name)) for name, own in own_terms.items()}
-    agent = fql.FQLAgent([nets], cfg, [torch.Generator()])
+    agent = fql.FQLAgent([nets], cfg, [torch.Generator()], [cfg.alpha], [0])
     loss, _ = agent.losses_eager(one(batch), one(noise))
     for name, want in expected.items():
         stacked = [agent.params[f"{name}.{p}"] for p, _ in getattr(nets, name).named_parameters()]
@@ -268,7 +275,7 @@ def test_gradients_flow_only_where_they_must(normalize_q_loss):
 def test_q_term_alone_moves_the_one_step_policy():
     cfg, nets, batch, noise = float64_setup(alpha=0.0)
     # With alpha = 0, the one-step policy's only loss is the Q term
-    total, _ = fql.fql_losses(nets, batch, noise, cfg)
+    total, _ = fql.fql_losses(nets, batch, noise, cfg.alpha, cfg)
     onestep_grad = grads(total, nets.actor_onestep)
     assert sum(float(g.abs().sum()) for g in onestep_grad) > 0
     q_only = manual_losses(nets, batch, noise, cfg)["q_loss"]
@@ -326,7 +333,7 @@ def test_horizon_1_is_fql_and_the_chunk_path_reduces_to_it_exactly():
         "actions", "rewards", "masks", "observations", "next_observations"]
     torch.manual_seed(0)
     plain = make_agent(2, 3, make_config(horizon=1))
-    chunked = fql.FQLAgent([copy.deepcopy(plain.nets)], plain.cfg, [torch.Generator()])
+    chunked = fql.FQLAgent([copy.deepcopy(plain.nets)], plain.cfg, [torch.Generator()], [plain.cfg.alpha], [0])
     for step in range(5):
         batch = one(random_batch(64, 2, 3, seed=step))
         noise = one(fixed_noise(64, 3, seed=step))
@@ -363,22 +370,43 @@ def test_chunked_losses_equal_direct_formulas(chunking):
     assert chunking != bool(torch.isclose(unweighted["bc"], expected["bc"]))  # FQL-n: BC unweighted
 
 
-def test_a_group_with_horizon_5_equals_its_seeds_alone():
-    cfg = fql.resolve_config(make_config(seeds=(0, 1, 2), horizon=5))
-    data = fql.to_device(window_dataset(200, action_dim=3), "cpu")
-    sample = functools.partial(fql.sample_batch, data, cfg=cfg)
-    group = fql.make_agent(cfg, (2,), 3)
-    singles = [fql.make_agent(run, (2,), 3) for run in fql.seed_runs(cfg)]
-    assert group.nets.chunk_dim == 15
+@pytest.mark.parametrize("horizon", [1, 5])
+def test_an_agent_of_a_grid_trains_as_its_run_alone(horizon):
+    """A grid of 2 tasks x 2 alphas x 2 seeds: the agent last on every axis (task 3, alpha 30, seed 1) starts as
+    its run alone does and follows it step for step: its own task's rewards and masks (a column of the shared
+    data, windows included), its own alpha, its own batches and noise."""
+    cfg = fql.resolve_config(make_config(env="ogbench-cube-single", tasks=(1, 3), alphas=(3.0, 30.0), seeds=(0, 1),
+                                         horizon=horizon))
+    dataset = window_dataset(200, action_dim=3)
+    rows = dataset["rewards"]
+    dataset["rewards"] = np.stack([rows, -2 * rows], 1)  # task 1's column, task 3's
+    dataset["masks"] = np.stack([dataset["masks"], (rows % 4 != 3).astype(np.float32)], 1)
+    data = fql.to_device(dataset, "cpu")
+    grid = fql.make_agent(cfg, (2,), 3)
+    runs = fql.agent_runs(cfg)
+    assert [(run.env[-8:-3], run.alpha, run.seed) for run in runs] == [
+        (f"task{t}", a, s) for t in (1, 3) for a in (3.0, 30.0) for s in (0, 1)]
+    alone = runs[-1]  # the config --env ogbench-cube-single-task3 --alpha 30 --seed 1 gives
+    assert alone == fql.resolve_config(make_config(env="ogbench-cube-single-task3", alpha=30.0, seed=1,
+                                                   horizon=horizon, run_dir=alone.run_dir))
+    single = fql.make_agent(alone, (2,), 3)
+    single_data = dict(data, rewards=data["rewards"][:, 1:], masks=data["masks"][:, 1:])  # its task alone
+    assert torch.equal(grid.generators[-1].get_state(), single.generators[0].get_state())
+    for name, p in single.params.items():
+        assert torch.equal(grid.params[name][-1], p[0]), name
     for _ in range(5):
-        got = group.train_step(sample, with_metrics=True)
-        for k, single in enumerate(singles):
-            want = single.train_step(functools.partial(fql.sample_batch, data, cfg=single.cfg), with_metrics=True)
-            for key in want:
-                torch.testing.assert_close(got[key][k], want[key][0], msg=key)
-    for k, single in enumerate(singles):
-        for name, p in single.params.items():
-            torch.testing.assert_close(group.params[name][k], p[0], msg=name)
+        got = grid.train_step(functools.partial(fql.sample_batch, data, cfg=cfg), with_metrics=True)
+        want = single.train_step(functools.partial(fql.sample_batch, single_data, cfg=alone), with_metrics=True)
+        for key in want:
+            torch.testing.assert_close(got[key][-1], want[key][0], msg=key)
+    for name, p in single.params.items():
+        torch.testing.assert_close(grid.params[name][-1], p[0], msg=name)
+    first = fql.make_agent(runs[0], (2,), 3)  # task 1, alpha 3, seed 0: the grid's first agent, checked likewise
+    got = fql.make_agent(cfg, (2,), 3).train_step(functools.partial(fql.sample_batch, data, cfg=cfg), True)
+    want = first.train_step(functools.partial(fql.sample_batch, dict(data, rewards=data["rewards"][:, :1],
+                                                                     masks=data["masks"][:, :1]), cfg=runs[0]), True)
+    for key in want:
+        torch.testing.assert_close(got[key][0], want[key][0], msg=key)
 
 
 class ChunkEnv(gymnasium.Env):
@@ -405,7 +433,7 @@ def test_chunks_run_open_loop_and_start_afresh_with_each_episode():
     evaluation (each of two environments its own chunk) and in fine-tuning's collector."""
     calls = []
 
-    def chunk_policy(observations):  # action j of call k: k / 10 + j / 100
+    def chunk_policy(observations, generators):  # action j of call k: k / 10 + j / 100
         calls.append(observations.copy())
         k = len(calls)
         return np.broadcast_to(k / 10 + np.arange(3) / 100, (*observations.shape[:-1], 3)).copy()
@@ -437,11 +465,11 @@ def test_chunks_run_open_loop_and_start_afresh_with_each_episode():
 def test_sparse_rewards_are_qcs():
     dataset = window_dataset(6)
     dataset["rewards"] = np.array([-2, -1, 0, -1, 0, -3], np.float32)
-    assert fql.to_device(dataset, "cpu", sparse=True)["rewards"].tolist() == [-1, -1, 0, -1, 0, -1]
-    assert fql.to_device(dataset, "cpu")["rewards"].tolist() == [-2, -1, 0, -1, 0, -3]
+    assert fql.to_device(dataset, "cpu", sparse=True)["rewards"][:, 0].tolist() == [-1, -1, 0, -1, 0, -1]
+    assert fql.to_device(dataset, "cpu")["rewards"][:, 0].tolist() == [-2, -1, 0, -1, 0, -3]
     buffer = fql_eval.ReplayBuffer({k: v[:0] for k, v in fql.to_device(dataset, "cpu").items()}, 10, make_config())
     collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=0, sparse=True)  # reward 1 a step
-    collector.step(lambda obs: np.ones((1, 1)), buffer)
+    collector.step(lambda obs, generators: np.ones((1, 1)), buffer)
     assert buffer.data["rewards"][0] == -1
 
 
@@ -544,7 +572,7 @@ def equivalent_agents(variant: str) -> tuple:
         nets = copy.deepcopy(batched.nets)
         nets.critic = LoopCritic(batched.nets.critic)
         nets.target_critic = LoopCritic(batched.nets.target_critic).requires_grad_(False)
-        return batched, [fql.FQLAgent([nets], batched.cfg, [torch.Generator()])], dict(rtol=1e-5, atol=1e-6)
+        return batched, [fql.FQLAgent([nets], batched.cfg, [torch.Generator()], [batched.cfg.alpha], [0])], dict(rtol=1e-5, atol=1e-6)
     if variant == "compiled":
         eager = make_agent(7, 3, make_config(**COMPILED))
         compiled = make_agent(7, 3, make_config(**COMPILED, compile=True))
@@ -553,13 +581,13 @@ def equivalent_agents(variant: str) -> tuple:
     # a seed group against the agents its seeds give alone (eager): equal at the start, random streams included
     cfg = fql.resolve_config(make_config(**COMPILED, seeds=(0, 1, 2), compile=variant == "compiled seed group"))
     group = fql.make_agent(cfg, (7,), 3)
-    singles = [fql.make_agent(run, (7,), 3) for run in fql.seed_runs(cfg)]  # as --seed N alone
+    singles = [fql.make_agent(run, (7,), 3) for run in fql.agent_runs(cfg)]  # as --seed N alone
     for single in singles:
         single.losses = single.losses_eager
-    assert len(group.seed_nets) == 3 and all(len(single.seed_nets) == 1 for single in singles)
+    assert len(group.agent_nets) == 3 and all(len(single.agent_nets) == 1 for single in singles)
     for k, single in enumerate(singles):
         assert torch.equal(group.generators[k].get_state(), single.generators[0].get_state())
-        for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[k].state_dict().values()):
+        for (name, p), q in zip(single.nets.state_dict().items(), group.agent_nets[k].state_dict().values()):
             assert torch.equal(p, q), name
     assert not torch.equal(singles[0].nets.critic.net[0].weight, singles[1].nets.critic.net[0].weight)
     return group, singles, dict(rtol=1e-4, atol=1e-5) if cfg.compile else {}  # {}: float32 rounding
@@ -587,7 +615,7 @@ def test_equivalent_computations_train_alike(variant):
             for key in want:
                 torch.testing.assert_close(got[key][k], want[key][0], **tolerance, msg=f"step {step} seed {k} {key}")
     for k, reference in enumerate(references):
-        for p, q in zip(comparable_parameters(tested.seed_nets[k]), comparable_parameters(reference.nets), strict=True):
+        for p, q in zip(comparable_parameters(tested.agent_nets[k]), comparable_parameters(reference.nets), strict=True):
             torch.testing.assert_close(p, q, **tolerance)
         adam, reference_adam = tested.state_dict(k)["optimizer"]["state"], reference.state_dict()["optimizer"]["state"]
         last, reference_last = adam[max(adam)], reference_adam[max(reference_adam)]  # the one-step policy's output bias
@@ -597,16 +625,17 @@ def test_equivalent_computations_train_alike(variant):
 
 @slow
 def test_compiled_policy_acts_as_the_eager_one():
-    """act() through torch.compile, for one agent and for a group (one call maps every seed's observations)."""
+    """act() through torch.compile, for one agent and for a group (one call maps every seed's observations), each
+    row's noise from its own generator."""
     cfg = fql.resolve_config(make_config(compile=True, seeds=(0, 1)))
     for seeds, shape in (((0,), (1, 4, 7)), ((0, 1), (2, 4, 7))):
         agent = fql.make_agent(dataclasses.replace(cfg, seeds=seeds), (7,), 3)
         observations = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-        torch.manual_seed(1)
-        got = agent.act(observations)
-        torch.manual_seed(1)
+        rows = len(seeds) * 4
+        got = agent.act(observations, generators(rows))
+        z = torch.stack([torch.randn(3, generator=generator) for generator in generators(rows)])
         with torch.no_grad():
-            want = agent.policy_eager(torch.as_tensor(observations), torch.randn(*shape[:-1], 3)).numpy()
+            want = agent.policy_eager(torch.as_tensor(observations), z.view(*shape[:-1], 3)).numpy()
         assert got.shape == (*shape[:-1], 3) and np.abs(got).max() <= 1
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got[0], got[1])  # each seed's own policy
@@ -658,7 +687,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     actions = (0.6 * mode + 0.05 * torch.randn(n, 1)).clamp(-1, 1)
     better = torch.sign(context[:, :1])  # the better mode flips with the context
     rewards = (mode == better).float()[:, 0]
-    data = dict(observations=context, actions=actions, rewards=rewards, masks=torch.zeros(n),
+    data = dict(observations=context, actions=actions, rewards=rewards[:, None], masks=torch.zeros(n, 1),
                 next_observations=context)
     # alpha 0.3: leaving the flow's mode costs alpha * 1.2^2 = 0.43 of distillation loss for a Q gain of 1
     cfg = make_config(alpha=0.3, actor_hidden_dims=(64, 64), value_hidden_dims=(64, 64), lr=1e-3)
@@ -674,7 +703,7 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
     assert near_plus > 0.3 and near_minus > 0.3, (near_plus, near_minus)  # both modes, about half each
     assert (torch.sign(flow) == better_sign).float().mean() < 0.6  # the BC flow ignores rewards
 
-    policy = torch.as_tensor(agent.act(test_context.numpy()[None])[0])
+    policy = torch.as_tensor(agent.act(test_context.numpy()[None], generators(2000))[0])
     picks_better = (torch.sign(policy) == better_sign).float().mean()
     assert picks_better > 0.8, picks_better
 
@@ -752,14 +781,14 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
     state = torch.load(path, weights_only=True)  # as if saved on a GPU: Adam's flags there were capturable
     state["optimizer"]["param_groups"][0]["capturable"] = True
     torch.save(state, path)
-    expected_act = agent.act(np.ones((1, 4, 7), np.float32))
+    expected_act = agent.act(np.ones((1, 4, 7), np.float32), generators(4))
     expected_update = agent.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)), with_metrics=True)
 
     torch.manual_seed(99)
     restored = make_agent(7, 3, cfg)
     assert fql.load_checkpoints(restored, [cfg])["step"] == 1
     assert restored.optimizer.param_groups[0]["capturable"] is False  # the flags follow this agent's device
-    np.testing.assert_array_equal(restored.act(np.ones((1, 4, 7), np.float32)), expected_act)  # same RNG draw
+    np.testing.assert_array_equal(restored.act(np.ones((1, 4, 7), np.float32), generators(4)), expected_act)
     got_update = restored.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)), with_metrics=True)
     for key, value in expected_update.items():  # same Adam moments, so the same next step
         torch.testing.assert_close(got_update[key], value, rtol=0, atol=0)
@@ -930,6 +959,90 @@ def test_a_checkpoint_of_the_earlier_format_resumes_bit_identically(cube_data, t
     assert untimed_rows(tmp_path / "resumed" / "train.csv") == untimed_rows(tmp_path / "straight" / "train.csv")
 
 
+def test_a_full_disk_while_saving_ends_in_one_line_and_resume_continues(cube_data, tmp_path, monkeypatch):
+    """torch.save fails as on a full disk (a partial file, then its RuntimeError) at the first agent's checkpoint
+    of step 30: one line names the file, the partial file is gone, every agent's checkpoint of step 20 is whole,
+    and once there is space the same command with --resume ends as a run that never failed."""
+    flags = ("--offline_steps", "40", "--log_interval", "10", "--save_interval", "10", "--batch_size", "32",
+             "--seeds", "0", "1")
+    straight = run_cli(cube_data, tmp_path / "straight", *flags)
+    real_save, saves = torch.save, []
+
+    def disk_full(state, path):
+        saves.append(path)
+        if len(saves) == 2 * 2 + 1:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(state, path)
+
+    monkeypatch.setattr(fql.torch, "save", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cube_data, tmp_path / "full", *flags)
+    monkeypatch.undo()
+    checkpoint = tmp_path / "full" / "seed0" / "checkpoint.pt"
+    assert str(exit_info.value.code) == (
+        f"fql.py: error: could not write {checkpoint} ([enforce fail at inline_container.cc:672] . unexpected pos "
+        "704 vs 598; is the disk full?). The last checkpoint in that folder is whole: the same command with "
+        "--resume continues from it once there is space")
+    for seed in (0, 1):
+        assert fql.read_checkpoint(str(tmp_path / "full" / f"seed{seed}" / "checkpoint.pt"))["step"] == 20
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+    resumed = run_cli(cube_data, tmp_path / "full", *flags, "--resume")
+    for name, p in straight.params.items():
+        torch.testing.assert_close(resumed.params[name], p, rtol=0, atol=0, msg=name)
+
+
+@slow
+def test_a_log_too_large_to_write_stops_the_run_in_one_line(cube_data, tmp_path):
+    """A real failed write: `python fql.py` under a file size limit (writes past it fail as on a full disk) that its
+    checkpoints fit in and its growing train.csv outgrows. One line names the file; the last checkpoint is whole,
+    and --resume without the limit ends as a run that never failed."""
+    import resource
+
+    flags = ["--dataset_dir", cube_data, "--offline_steps", "200", "--log_interval", "1", "--save_interval", "50",
+             "--eval_interval", "0", "--batch_size", "16", "--no-compile", "--actor_hidden_dims", "4",
+             "--value_hidden_dims", "4"]
+    straight = fql.main([*flags, "--run_dir", str(tmp_path / "straight")])
+    limit = (tmp_path / "straight" / "checkpoint.pt").stat().st_size + 10_000  # train.csv: about 500 bytes a row
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run = tmp_path / "limited"
+    result = subprocess.run([sys.executable, "fql.py", *flags, "--run_dir", str(run)], capture_output=True,
+                            text=True, cwd=HERE, env={**os.environ, **WARNINGS_ON}, preexec_fn=file_size_limit)
+    one_line_error(result, f"could not write {run / 'train.csv'} ([Errno 27] File too large; is the disk full?)",
+                   "--resume continues from it once there is space")
+    step = fql.read_checkpoint(str(run / "checkpoint.pt"))["step"]
+    assert 50 <= step < 200 and not list(run.glob("*.tmp"))
+    resumed = fql.main([*flags, "--run_dir", str(run), "--resume"])
+    for name, p in straight.params.items():
+        torch.testing.assert_close(resumed.params[name], p, rtol=0, atol=0, msg=name)
+    assert untimed_rows(run / "train.csv") == untimed_rows(tmp_path / "straight" / "train.csv")
+
+
+@pytest.mark.parametrize("where,error", [
+    ("make_agent", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+    ("train_step", RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
+                                "you tried to allocate 536870912 bytes. Error code 12 (Cannot allocate memory)"))])
+def test_running_out_of_memory_names_the_agents_and_the_batch(cube_data, tmp_path, monkeypatch, where, error):
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fql.FQLAgent if where == "train_step" else fql, where, out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cube_data, tmp_path, "--offline_steps", "10", "--batch_size", "32", *GRID)
+    assert str(exit_info.value.code) == ("fql.py: error: out of memory on cpu with 8 agents and --batch_size 32: "
+                                         "train fewer agents per process, or smaller batches")
+
+
+def test_a_horizon_longer_than_the_dataset_is_refused(cube_data, tmp_path):
+    with pytest.raises(SystemExit, match="--horizon 1000 is longer than a split of cube-single-play-singletask-"):
+        run_cli(cube_data, tmp_path / "run", "--offline_steps", "10", "--horizon", "1000")
+    assert not (tmp_path / "run").exists()
+
+
 class CodeInAPickle:
     """Unpickled, it runs a shell command: what loading a checkpoint must never do."""
 
@@ -989,7 +1102,7 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
     group = run_cli(cube_data, tmp_path / "group", *flags, "--seeds", "0", "1", "--eval_interval", "50",
                     "--eval_episodes", "1")
     single = run_cli(cube_data, tmp_path / "single", *flags, "--seed", "1")
-    for (name, p), q in zip(single.nets.state_dict().items(), group.seed_nets[1].state_dict().values(), strict=True):
+    for (name, p), q in zip(single.nets.state_dict().items(), group.agent_nets[1].state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
     for seed in (0, 1):
         run = tmp_path / "group" / f"seed{seed}"
@@ -1000,7 +1113,7 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
         assert evaluation["step"] == "50" and float(evaluation["evaluation/length"]) == 200
         state = torch.load(run / "checkpoint.pt", weights_only=True)
         assert state["step"] == 50 and state["config"]["seeds"] == (seed,)
-        for name, p in group.seed_nets[seed].state_dict().items():
+        for name, p in group.agent_nets[seed].state_dict().items():
             assert torch.equal(state["nets"][name], p)
     assert read_csv(tmp_path / "group" / "seed0" / "train.csv") != read_csv(tmp_path / "group" / "seed1" / "train.csv")
 
@@ -1029,29 +1142,105 @@ def test_seed_group_cli_matches_single_runs_resumes_and_feeds_eval(cube_data, tm
     assert output.stat().st_size > 10_000
 
 
+GRID = ("--tasks", "1", "3", "--alphas", "100", "300", "--seeds", "0", "1")
+GRID_AGENTS = list(itertools.product((1, 3), (100, 300), (0, 1)))  # (task, alpha, seed), in the grid's order
+
+
 @slow
-def test_benchmark_times_each_mode_for_one_seed_and_a_group(capsys, monkeypatch):
-    # the shapes and config of the compiled equivalence tests, whose compilations it reuses
-    results = fql_eval.benchmark(make_config(**COMPILED, seeds=(0, 1, 2)), ((7,), 3), seconds=0.05)
+def test_a_grid_on_the_command_line_writes_each_agent_the_folder_of_its_run_alone(cube_data, tmp_path):
+    """`python fql.py --tasks 1 3 --alphas 100 300 --seeds 0 1` (evaluation on): eight ordinary run folders, named
+    by task, alpha and seed, each with the config, checkpoint, train.csv and eval.csv of that agent run alone
+    (--env ogbench-cube-single-task<t> --alpha <a> --seed <s>); `eval.py table` and `plot` read them."""
+    flags = ["--dataset_dir", cube_data, "--offline_steps", "20", "--log_interval", "10", "--save_interval", "20",
+             "--eval_interval", "20", "--eval_episodes", "1", "--batch_size", "16", "--no-compile", *SMALL]
+    grid = script("fql.py", *GRID, "--run_dir", str(tmp_path / "grid"), *flags)
+    assert grid.returncode == 0 and console(grid) == [], grid.stderr[-3000:]
+    names = [f"task{t}__alpha{a}__seed{s}" for t, a, s in GRID_AGENTS]
+    assert sorted(path.name for path in (tmp_path / "grid").iterdir()) == names
+    for name, (task, alpha, seed) in zip(names, GRID_AGENTS):
+        folder, alone_folder = tmp_path / "grid" / name, tmp_path / "alone" / name
+        alone = fql.main(["--env", f"ogbench-cube-single-task{task}", "--alpha", str(alpha), "--seed", str(seed),
+                          "--run_dir", str(alone_folder), *flags])
+        grid_config, alone_config = (fql.json.loads((run / "config.json").read_text()) for run in (folder, alone_folder))
+        assert grid_config == dict(alone_config, run_dir=grid_config["run_dir"])  # all but the folder
+        configs = [grid_config]
+        assert configs[0]["env"] == f"cube-single-play-singletask-task{task}-v0" and configs[0]["alpha"] == alpha
+        state = fql.read_checkpoint(str(folder / "checkpoint.pt"))
+        for key, p in alone.nets.state_dict().items():
+            torch.testing.assert_close(state["nets"][key], p, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+        for log in ("train.csv", "eval.csv"):
+            got, want = untimed_rows(folder / log), untimed_rows(alone_folder / log)
+            assert [row.keys() for row in got] == [row.keys() for row in want] and got
+            for got_row, want_row in zip(got, want):
+                np.testing.assert_allclose([float(v) for v in got_row.values()],
+                                           [float(v) for v in want_row.values()], rtol=1e-4, atol=1e-5)
+    table = script("eval.py", "table", *(str(tmp_path / "grid" / name) for name in names))
+    assert table.returncode == 0 and console(table) == [], table.stderr[-3000:]
+    rows = [line.split(" | ")[1:4] for line in table.stdout.splitlines()[2:]]
+    assert rows == [["1", "alpha=100.0", "2"], ["1", "alpha=300.0", "2"], ["3", "alpha=100.0", "2"],
+                    ["3", "alpha=300.0", "2"], ["mean of 1 3", "alpha=100.0", "2"], ["mean of 1 3", "alpha=300.0", "2"]]
+    plot = script("eval.py", "plot", *(str(tmp_path / "grid" / name) for name in names), "--output",
+                  str(tmp_path / "grid.png"))
+    assert plot.returncode == 0 and console(plot) == [] and (tmp_path / "grid.png").stat().st_size > 10_000
+
+
+@slow
+def test_a_killed_grid_resumes_exactly_and_an_agents_folder_resumes_alone(cube_data, tmp_path, monkeypatch):
+    """A grid killed between the renames of its agents' checkpoints: the same command with --resume mends it and
+    ends as the grid never killed; one agent's folder, continued alone with its own flags, ends as that agent does
+    in the grid; eval.py evaluates it in its task's environment."""
+    flags = ("--offline_steps", "50", "--log_interval", "10", "--save_interval", "20", "--batch_size", "32")
+    straight = run_cli(cube_data, tmp_path / "straight", *flags, *GRID)
+    real_replace, renames = os.replace, []
+
+    def killed_between_the_renames_of_step_40(source, destination):
+        renames.append(source) if source.endswith("checkpoint.pt.tmp") else None
+        if len(renames) == 8 + 3:  # step 20's eight renames, then step 40's: killed before the third agent's
+            raise KeyboardInterrupt
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(fql.os, "replace", killed_between_the_renames_of_step_40)
+    with pytest.raises(SystemExit, match="--resume"):
+        run_cli(cube_data, tmp_path / "killed", *flags, *GRID)
+    monkeypatch.undo()
+    folders = [tmp_path / "killed" / f"task{t}__alpha{a}__seed{s}" for t, a, s in GRID_AGENTS]
+    assert [fql.read_checkpoint(str(f / "checkpoint.pt"))["step"] for f in folders] == [40, 40] + [20] * 6
+    shutil.copytree(folders[-1], tmp_path / "alone")  # task 3, alpha 300, seed 1: last on every axis
+    resumed = run_cli(cube_data, tmp_path / "killed", *flags, *GRID, "--resume")
+    for name, p in straight.params.items():
+        torch.testing.assert_close(resumed.params[name], p, rtol=0, atol=0, msg=name)
+    alone = run_cli(cube_data, tmp_path / "alone", *flags, "--env", "ogbench-cube-single-task3", "--alpha", "300",
+                    "--seed", "1", "--resume")
+    for name, p in alone.params.items():
+        torch.testing.assert_close(straight.params[name][-1], p[0], rtol=1e-4, atol=1e-6, msg=name)
+    result = fql_eval.main(["--checkpoint", str(tmp_path / "alone"), "--episodes", "1", "--device", "cpu"])
+    assert result["env"] == "cube-single-play-singletask-task3-v0" and result["step"] == 50
+
+
+@slow
+def test_benchmark_times_each_mode_for_one_agent_and_a_grid(capsys, monkeypatch):
+    # the shapes and config of the compiled equivalence tests (3 agents), whose compilations it reuses
+    results = fql_eval.benchmark(make_config(**COMPILED, tasks=(1, 2, 3)), ((7,), 3), seconds=0.05)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("FQL training step, observation (7,), action 3, horizon 1, batch 256")
     assert list(results) == [("eager", 1), ("eager", 3), ("compile", 1), ("compile", 3)]
     for rate, updates, adam_steps in results.values():  # warm-up, calibration and 3 timed rounds all ran
         assert adam_steps == 4 + 6 + 3 * updates and updates >= 10 and rate > 0
     assert [line.split()[0] for line in lines[1:]] == ["eager", "eager", "compile", "compile"]
-    assert "steps/s of 3 seeds" in lines[2] and "seed-updates/s" in lines[2] and "x one seed" in lines[2]
+    assert "steps/s of 3 agents" in lines[2] and "agent-updates/s" in lines[2] and "x one agent" in lines[2]
     called = []
-    monkeypatch.setattr(fql_eval, "benchmark", lambda cfg: called.append((cfg.seeds, fql_eval.env_shapes(cfg.env))))
-    fql.main(["--benchmark", "--seeds", "0", "1", "--device", "cpu"])
-    assert called == [((0, 1), ((28,), 5))]  # eval.py's benchmark, for the env's shapes
+    monkeypatch.setattr(fql_eval, "benchmark", lambda cfg: called.append((len(fql.agent_grid(cfg)),
+                                                                          fql_eval.env_shapes(cfg.env))))
+    fql.main(["--benchmark", "--tasks", "1", "2", "3", "4", "5", "--seeds", "0", "1", "--device", "cpu"])
+    assert called == [(10, ((28,), 5))]  # eval.py's benchmark, for the env's shapes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_equals_eager_update():
     torch.manual_seed(0)
     cfg = make_config(device="cuda", compile=True)
-    graphed = fql.FQLAgent([fql.FQLNetworks((7,), 3, cfg).cuda()], cfg, [torch.Generator("cuda")])
-    eager = fql.FQLAgent([copy.deepcopy(graphed.nets)], make_config(device="cuda"), [torch.Generator("cuda")])
+    graphed = fql.FQLAgent([fql.FQLNetworks((7,), 3, cfg).cuda()], cfg, [torch.Generator("cuda")], [cfg.alpha], [0])
+    eager = fql.FQLAgent([copy.deepcopy(graphed.nets)], make_config(device="cuda"), [torch.Generator("cuda")], [make_config(device="cuda").alpha], [0])
     static_batch = {k: v.cuda() for k, v in one(random_batch(64, 7, 3)).items()}
     static_noise = {k: v.cuda() for k, v in one(fixed_noise(64, 3)).items()}
     replay = fql.CUDAGraphStep(lambda: graphed.update(static_batch, static_noise, with_metrics=True), [])
@@ -1086,7 +1275,7 @@ def test_cuda_graph_of_a_seed_group_draws_fresh_batches_and_equals_eager():
     for name, p in eager.params.items():
         torch.testing.assert_close(graphed.params[name], p, rtol=1e-4, atol=1e-5, msg=name)
     for _ in range(2):
-        actions = graphed.act(np.zeros((3, 4, 7), np.float32))
+        actions = graphed.act(np.zeros((3, 4, 7), np.float32), generators(12))
         assert actions.shape == (3, 4, 3) and np.abs(actions).max() <= 1
 
 
@@ -1126,10 +1315,10 @@ def one_at_a_time(make_env) -> gymnasium.vector.VectorEnv:
 
 
 def test_evaluate_counts_success_at_the_last_step():
-    (result,) = fql_eval.evaluate(lambda obs: np.where(obs[..., :1] < 2, 1.0, -1.0), one_at_a_time(ScriptedEnv), 4,
+    (result,) = fql_eval.evaluate(lambda obs, generators: np.where(obs[..., :1] < 2, 1.0, -1.0), one_at_a_time(ScriptedEnv), 4,
                                   seeds=[0])
     assert result == {"success": 0.0, "return": 3.0, "length": 3.0}
-    (result,) = fql_eval.evaluate(lambda obs: np.full((1, 1, 1), 5.0), one_at_a_time(ScriptedEnv), 4, seeds=[0])
+    (result,) = fql_eval.evaluate(lambda obs, generators: np.full((1, 1, 1), 5.0), one_at_a_time(ScriptedEnv), 4, seeds=[0])
     assert result["success"] == 1.0  # clipped, still positive
 
 
@@ -1143,7 +1332,7 @@ def pointmaze_oracle():
     helper.reset(seed=0)
     goal = np.array(helper.cur_goal_xy)
 
-    def policy(observations):
+    def policy(observations, generators):
         xy = observations.reshape(-1, 2)
         direction = np.array([helper.get_oracle_subgoal(p, goal)[0] - p for p in xy])
         direction /= np.linalg.norm(direction, axis=-1, keepdims=True) + 1e-6
@@ -1154,11 +1343,11 @@ def pointmaze_oracle():
 
 @slow
 def test_scripted_policy_succeeds_and_random_policy_fails():
-    vector_env = fql_eval.make_vector_env(POINTMAZE, 2)
+    vector_env = fql_eval.make_vector_env([POINTMAZE] * 2)
     try:
         (oracle,) = fql_eval.evaluate(pointmaze_oracle(), vector_env, 3, [0])
         rng = np.random.default_rng(0)
-        (random,) = fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, obs.shape), vector_env, 3, [0])
+        (random,) = fql_eval.evaluate(lambda obs, generators: rng.uniform(-1, 1, obs.shape), vector_env, 3, [0])
     finally:
         vector_env.close()
     assert oracle["success"] == 1 and oracle["length"] < 400  # reaches the goal well within 1000 steps
@@ -1167,7 +1356,7 @@ def test_scripted_policy_succeeds_and_random_policy_fails():
 
 def recording(seen: list):
     """A deterministic policy that depends on the observation and records what it saw."""
-    def policy(observations):
+    def policy(observations, generators):
         seen.append(np.array(observations))
         return np.tanh(3 * observations[..., 14:19])
     return policy
@@ -1176,7 +1365,7 @@ def recording(seen: list):
 @pytest.fixture(scope="module")
 def cube_vector_env():
     """One vector env of 2 cube-single environments, shared by the evaluation tests (workers take seconds to start)."""
-    vector_env = fql_eval.make_vector_env(CUBE, 2)
+    vector_env = fql_eval.make_vector_env([CUBE] * 2)
     yield vector_env
     vector_env.close()
 
@@ -1210,7 +1399,7 @@ def test_a_seed_group_evaluates_each_seed_in_its_own_environments(cube_vector_en
 
 @slow
 def test_videos_are_written(tmp_path):
-    paths = fql_eval.record_videos(lambda obs: np.zeros((1, 5)), CUBE, 1, seed=0, directory=str(tmp_path), frame_skip=20)
+    paths = fql_eval.record_videos(lambda obs, generators: np.zeros((1, 5)), CUBE, 1, seed=0, directory=str(tmp_path), frame_skip=20)
     if not paths:
         pytest.skip("no offscreen OpenGL renderer on this machine (record_videos said why)")
     import imageio.v3 as iio
@@ -1222,7 +1411,7 @@ def test_videos_are_written(tmp_path):
 def test_replay_buffer_appends_samples_online_rows_and_restores():
     n = 10
     offline = dict(observations=torch.zeros(n, 3), next_observations=torch.zeros(n, 3), actions=torch.zeros(n, 2),
-                   rewards=torch.zeros(n), masks=torch.ones(n), terminals=torch.zeros(n))
+                   rewards=torch.zeros(n, 1), masks=torch.ones(n, 1), terminals=torch.zeros(n))  # one task
     cfg = make_config()
     buffer = fql_eval.ReplayBuffer(offline, capacity=14, cfg=cfg)
     for i in range(6):  # 4 fit after the offline rows; then, as in the official code, the oldest rows go
@@ -1283,11 +1472,11 @@ def test_online_collector_masks_terminations_and_restarts_episodes():
                                         terminals=torch.zeros(0)), 10, make_config())
     collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=100, reward_shift=-1.0)
     for _ in range(2):  # a terminated episode of 2 steps
-        collector.step(lambda obs: np.ones((1, 1)), buffer)
+        collector.step(lambda obs, generators: np.ones((1, 1)), buffer)
     assert collector.last_episode == {"exploration/success": 1.0, "exploration/return": 2.0,
                                       "exploration/length": 2}
     for _ in range(3):  # a truncated episode of 3 steps: the time limit is no termination
-        collector.step(lambda obs: -np.ones((1, 1)), buffer)
+        collector.step(lambda obs, generators: -np.ones((1, 1)), buffer)
     assert collector.last_episode["exploration/length"] == 3 and collector.last_episode["exploration/success"] == 0
     rows = {k: v[:buffer.count] for k, v in buffer.data.items()}
     np.testing.assert_array_equal(rows["masks"], [1, 0, 1, 1, 1])
@@ -1379,17 +1568,18 @@ def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, m
         assert from_online == [False] * 16 + [True] * 16
 
 
-def write_fake_run(directory, seed, alpha, success):
+def write_fake_run(directory, seed, alpha, success, task=2):
+    """A run folder of cube-single's `task` whose evaluations climb to `success` at step 400."""
     os.makedirs(directory)
-    config = dataclasses.asdict(fql.resolve_config(make_config(seed=seed, alpha=alpha, run_dir=str(directory))))
+    cfg = make_config(env=f"ogbench-cube-single-task{task}", seed=seed, alpha=alpha, run_dir=str(directory))
     with open(os.path.join(directory, "config.json"), "w") as f:
-        fql.json.dump(config, f)
+        fql.json.dump(dataclasses.asdict(fql.resolve_config(cfg)), f)
     train, evaluation = fql.CSVLog(os.path.join(directory, "train.csv"), 0), fql.CSVLog(
         os.path.join(directory, "eval.csv"), 0)
-    for step in (100, 200, 300):
+    for step in (100, 200, 300, 400):
         train.write({"step": step, "critic/critic_loss": 1 / step, "actor/bc_flow_loss": 0.5, "actor/distill_loss": 0.1,
                      "actor/q": -step / 100})
-        evaluation.write({"step": step, "evaluation/success": success * step / 300})
+        evaluation.write({"step": step, "evaluation/success": success * step / 400})
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -1413,23 +1603,28 @@ def test_plot_writes_a_png(tmp_path):
         fql_eval.main(["plot", str(runs[2]), "--output", str(output)])
 
 
-def test_table_gives_each_group_of_seeds_final_success_next_to_the_paper(tmp_path, capsys):
-    runs = [tmp_path / "a0", tmp_path / "a1", tmp_path / "b0"]
-    write_fake_run(runs[0], 0, 3.0, 0.5)  # success 0.5 at the last of its evaluations, step 300
-    write_fake_run(runs[1], 1, 3.0, 0.7)
-    write_fake_run(runs[2], 0, 10.0, 0.2)
+def test_table_scores_each_task_and_alpha_as_the_paper_and_each_env_over_its_tasks(tmp_path, capsys):
+    """A row per (task, alpha): each seed's success averaged over its last three evaluations (the paper's protocol
+    for OGBench), then mean and population std over seeds; and a row for the env's mean over the tasks present,
+    each seed's averaged first, next to the paper's number for the env."""
+    runs = []
+    for task, alpha, seed, success in ((2, 3.0, 0, 0.5), (2, 3.0, 1, 0.7), (2, 10.0, 0, 0.2), (4, 3.0, 0, 0.1),
+                                       (4, 3.0, 1, 0.3)):
+        runs.append(tmp_path / f"task{task}__alpha{alpha}__seed{seed}")
+        write_fake_run(runs[-1], seed, alpha, success, task)  # steps 100-400: last three = 0.75 x success
     rows = fql_eval.main(["table", *map(str, runs), "--output", str(tmp_path / "table.csv")])
-    expected = [dict(env="cube-single-play-singletask-task2-v0", settings="alpha=3.0",
-                     seeds=2, step=300, mean="60.0", std="10.0", paper=97),
-                dict(env="cube-single-play-singletask-task2-v0", settings="alpha=10.0", seeds=1, step=300,
-                     mean="20.0", std="0.0", paper=97)]
-    assert rows == expected  # the seeds' mean and (population) standard deviation, in %
+    common = dict(env="cube-single-play", steps="200 300 400")
+    expected = [dict(common, task=2, settings="alpha=3.0", seeds=2, mean="45.0", std="7.5", paper=97),
+                dict(common, task=2, settings="alpha=10.0", seeds=1, mean="15.0", std="0.0", paper=97),
+                dict(common, task=4, settings="alpha=3.0", seeds=2, mean="15.0", std="7.5", paper=""),
+                dict(common, task="mean of 2 4", settings="alpha=3.0", seeds=2, mean="30.0", std="7.5", paper=96)]
+    assert [{k: row[k] for k in expected[0]} for row in rows] == expected
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| env | settings | seeds | step | mean | std | paper |" and lines[1] == "|---" * 7 + "|"
-    assert lines[2] == "| cube-single-play-singletask-task2-v0 | alpha=3.0 | 2 | 300 | 60.0 | 10.0 | 97 |"
-    assert read_csv(tmp_path / "table.csv") == [{k: str(v) for k, v in row.items()} for row in expected]
+    assert lines[0] == "| env | task | settings | seeds | steps | mean | std | paper |" and lines[1] == "|---" * 8 + "|"
+    assert lines[2] == "| cube-single-play | 2 | alpha=3.0 | 2 | 200 300 400 | 45.0 | 7.5 | 97 |"
+    assert read_csv(tmp_path / "table.csv") == [{k: str(v) for k, v in row.items()} for row in rows]
     os.remove(runs[2] / "eval.csv")
-    with pytest.raises(SystemExit, match=f"{runs[2]} has no evaluation in its eval.csv yet"):
+    with pytest.raises(SystemExit, match=f"{runs[2]}: no evaluation at a step all these runs reached"):
         fql_eval.main(["table", *map(str, runs)])
 
 
@@ -1617,7 +1812,7 @@ def test_random_policy_scores_near_d4rl_random_reference(name, tolerance):
     and well under a point for the other tasks; the antmaze goal is never reached at random."""
     env = fql_eval.make_env(name)
     rng = np.random.default_rng(0)
-    (result,) = fql_eval.evaluate(lambda obs: rng.uniform(-1, 1, (1, 1, *env.action_space.shape)),
+    (result,) = fql_eval.evaluate(lambda obs, generators: rng.uniform(-1, 1, (1, 1, *env.action_space.shape)),
                                   one_at_a_time(lambda: env), 10 if name != "antmaze-umaze-v2" else 2, [0])
     result = fql_eval.with_score(name, result)
     assert abs(result["score"]) <= tolerance, result
@@ -1647,7 +1842,7 @@ def test_d4rl_training_run(tmp_path, monkeypatch):
     (evaluation,) = read_csv(tmp_path / "run" / "eval.csv")
     assert float(evaluation["evaluation/score"]) == 100 * float(evaluation["evaluation/success"]) == 0
     online = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["buffer"]["rows"]
-    assert online["rewards"].tolist() == [-1.0] * 20  # the maze's reward 0 away from the goal, shifted as offline
+    assert online["rewards"][:, 0].tolist() == [-1.0] * 20  # the maze's reward 0 away from the goal, shifted as offline
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1786,6 +1981,48 @@ def visual_data(tmp_path_factory):
     return directory
 
 
+def with_goals_reached(source, directory, prefix=""):
+    """Copies of the OGBench dataset files in `source` in which the cube sits on task 1's goal in rows 1-2 and on
+    task 3's in rows 3-4 (the relabelling reads only qpos), so that the two tasks' rewards and masks differ."""
+    goals = []
+    for task in (1, 3):
+        env = gymnasium.make(f"{prefix}cube-single-singletask-task{task}-v0")
+        env.reset(seed=0)
+        goals.append(env.unwrapped._data.mocap_pos[0].copy())
+        env.close()
+    for name in os.listdir(source):
+        data = dict(np.load(os.path.join(source, name)))
+        data["qpos"][1:3, 14:17] = goals[0]
+        data["qpos"][3:5, 14:17] = goals[1]
+        np.savez(os.path.join(directory, name), **data)
+
+
+@slow
+@pytest.mark.parametrize("prefix", ["", "visual-"], ids=["states", "pixels"])
+def test_one_loaded_dataset_gives_every_tasks_rewards_and_masks(prefix, request, tmp_path):
+    """Tasks 1 and 3 from one load: the same observations, actions and frames once, and for each task a column of
+    rewards and masks equal to what OGBench's make_env_and_datasets gives for that task alone, in the train and
+    validation splits (compact frames for pixels); on the device, --sparse applies to each column."""
+    import ogbench
+
+    with_goals_reached(request.getfixturevalue("visual_data" if prefix else "cube_data"), str(tmp_path), prefix)
+    names = [f"{prefix}cube-single-play-singletask-task{task}-v0" for task in (1, 3)]
+    splits = fql.load_datasets(names, str(tmp_path))
+    for k, name in enumerate(names):
+        _, *alone = ogbench.make_env_and_datasets(name, dataset_dir=str(tmp_path), compact_dataset=bool(prefix))
+        for split, single in zip(splits, alone, strict=True):
+            for key in ("observations", "actions", "terminals"):
+                np.testing.assert_array_equal(split[key], single[key])
+            np.testing.assert_array_equal(split["rewards"][:, k], single["rewards"])
+            np.testing.assert_array_equal(split["masks"][:, k], single["masks"])
+    rewards = splits[0]["rewards"]
+    assert rewards.shape == (len(splits[0]["actions"]), 2) and (rewards == 0).any(axis=0).all()  # each solved
+    assert not np.array_equal(rewards[:, 0], rewards[:, 1])
+    data = fql.to_device(splits[0], "cpu", frame_stack=3 if prefix else None, sparse=True)
+    assert data["rewards"].shape == data["masks"].shape == (len(data["actions"]), 2)
+    assert set(data["rewards"].unique().tolist()) == {-1.0, 0.0}
+
+
 @slow
 def test_visual_training_run(visual_data, tmp_path):
     agent = fql.main(["--env", "ogbench-visual-cube-single", "--dataset_dir", visual_data, "--run_dir",
@@ -1802,7 +2039,7 @@ def test_visual_training_run(visual_data, tmp_path):
     assert len({id(p) for e in encoders for p in e.parameters()}) == sum(len(list(e.parameters())) for e in encoders)
     restored, state = fql_eval.load_agent(str(tmp_path / "checkpoint.pt"), "cpu")
     assert tuple(state["observation_shape"]) == (64, 64, 9)
-    action = restored.act(np.zeros((1, 64, 64, 9), np.uint8))
+    action = restored.act(np.zeros((1, 64, 64, 9), np.uint8), generators(1))
     assert action.shape == (1, 5) and np.all(np.abs(action) <= 1)
 
 
@@ -1872,9 +2109,20 @@ def test_flags_in_underscore_and_hyphen_spellings():
     (("--encoder", "impala_small"), "--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs"),
     (("--device", "tpu"), "--device tpu: give auto, cpu, or cuda[:N] for one of this machine's"),
     (("--device", "cuda:7"), "--device cuda:7: give auto, cpu, or cuda[:N] for one of this machine's"),
-    (("--seeds", "1", "1"), "--seeds has a seed twice: 1 1"),
-    (("--seed", "2", "--seeds", "0", "1"), "give --seed N or --seeds N1 N2 ..., not both"),
-    (("--seeds", "0", "1", "--online_steps", "5"), "--online_steps and --wandb_project take one seed"),
+    (("--seeds", "1", "1"), "--seeds has a value twice: 1 1"),
+    (("--seed", "2", "--seeds", "0", "1"), "give --seed or --seeds, not both"),
+    (("--seeds", "0", "1", "--online_steps", "5"), "--online_steps and --wandb_project take one agent"),
+    (("--seeds", "-1"), "--seeds must be in [0, 2**32), numpy's seeds, got -1"),
+    (("--seeds", "0", "4294967296"), "--seeds must be in [0, 2**32), numpy's seeds, got 4294967296"),
+    (("--tasks", "1", "9"), "--tasks must be among OGBench's tasks, 1 to 5, got 9"),
+    (("--tasks", "3", "3"), "--tasks has a value twice: 3 3"),
+    (("--env", "d4rl-pen-human", "--tasks", "1"), "--tasks is for OGBench envs named without a task"),
+    (("--env", "ogbench-cube-single-task3", "--tasks", "1", "2"), "--tasks is for OGBench envs named without a task"),
+    (("--alphas", "3", "3"), "--alphas has a value twice: 3.0 3.0"),
+    (("--alphas", "10", "-1"), "--alphas must be >= 0, got -1.0"),
+    (("--alphas", "inf"), "--alphas must be >= 0, got inf"),
+    (("--alphas", "nan"), "--alphas must be >= 0, got nan"),
+    (("--alpha", "3", "--alphas", "1", "2"), "give --alpha or --alphas, not both"),
     (("--horizon", "0"), "--horizon must be positive, got 0"),
     (("--env", "ogbench-visual-cube-single", "--horizon", "5"), "--horizon > 1 are not supported on pixels"),
 ])
@@ -1987,7 +2235,7 @@ def test_scripts_refuse_in_one_line_what_would_lose_a_run(cube_data, tmp_path):
     runs = [tmp_path / "run" / f"seed{seed}" for seed in (0, 1)]
     table = script("eval.py", "table", *map(str, runs), "--output", str(tmp_path / "table.csv"))
     assert table.returncode == 0 and console(table) == [], table.stderr[-3000:]
-    assert table.stdout.splitlines()[2] == "| cube-single-play-singletask-task2-v0 |  | 2 | 4 | 0.0 | 0.0 | 97 |"
+    assert table.stdout.splitlines()[2] == "| cube-single-play | 2 |  | 2 | 4 | 0.0 | 0.0 | 97 |"
     assert read_csv(tmp_path / "table.csv")[0]["seeds"] == "2"
 
     written = files_in(tmp_path)
@@ -2127,7 +2375,7 @@ def test_readmes_submitit_jobs_continue_after_a_preemption(cube_data, tmp_path, 
     namespace = submit_readme_jobs()  # a requeued job runs the same command again
     namespace["jobs"][0].result()
     straight = fql.main(["--env", "ogbench-cube-single", *namespace["FLAGS"], "--run_dir", str(tmp_path / "straight")])
-    for seed, nets in enumerate(straight.seed_nets):
+    for seed, nets in enumerate(straight.agent_nets):
         saved = fql.read_checkpoint(str(tmp_path / "runs" / f"ogbench-cube-single__seed{seed}" / "checkpoint.pt"))
         assert saved["step"] == 3000
         for name, p in nets.state_dict().items():
