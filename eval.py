@@ -61,14 +61,14 @@ def make_env(env_name, frame_stack=None, **kwargs):
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
 
 
-def make_vector_env(env_names, frame_stack=None):
+def make_vector_env(env_names, frame_stack=None, **kwargs):
     """An environment of each name (the tasks of one dataset, say), stepping in parallel worker
     processes. forkserver, not fork: the parent may hold CUDA and OpenMP threads, which fork would
     copy in a broken state. The workers fork from one server process that imports torch, MuJoCo
     and OGBench once, instead of each (seconds apiece)."""
     multiprocessing.set_forkserver_preload(["eval"])
     makes = [functools.partial(make_worker_env, name, frame_stack) for name in env_names]
-    return gymnasium.vector.AsyncVectorEnv(makes, context="forkserver")
+    return gymnasium.vector.AsyncVectorEnv(makes, context="forkserver", **kwargs)
 
 
 def make_worker_env(env_name, frame_stack):
@@ -320,28 +320,20 @@ def evaluate(policy, vector_env, episodes, seeds, progress=None):
 class Evaluator:
     """`evaluate(policy, runs, step)` for fql.train: each agent's episodes in its run's env (its
     task's), from reset(seed=run.seed + step + i), all in one vector env (about one worker per
-    core, at least one per agent), started at the first evaluation and closed when the `with`
-    block ends."""
+    core, at least one per agent) that `workers` makes at the first evaluation (eval.train)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, workers):
         self.cfg = cfg
+        self.workers = workers
         self.vector_env = None
 
     def __call__(self, policy, runs, step):
         if self.vector_env is None:
             per_agent = max(1, min(self.cfg.eval_episodes, os.cpu_count() // len(runs)))
-            envs = [run.env for run in runs for _ in range(per_agent)]
-            self.vector_env = make_vector_env(envs, self.cfg.frame_stack)
+            self.vector_env = self.workers([run.env for run in runs for _ in range(per_agent)])
         seeds = [run.seed + step for run in runs]
         results = evaluate(policy, self.vector_env, self.cfg.eval_episodes, seeds)
         return [with_score(run.env, result) for run, result in zip(runs, results)]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, error_type, *_):
-        if self.vector_env is not None:
-            close_vector_env(self.vector_env, error_type is not None)
 
 
 def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame_stack=None):
@@ -384,170 +376,186 @@ def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame
 
 # ---- Online fine-tuning: the replay buffer and the env side (fql.train runs the updates) -------
 class ReplayBuffer:
-    """Fine-tuning transitions on the device, after `data` (the offline dataset, or none with
-    balanced sampling). As in the official code, once full the oldest rows are overwritten, offline
-    ones included. `size` lives on the device, so sampling stays inside a recorded CUDA graph while
-    the buffer grows. Batches as `cfg` asks: windows of --horizon rows, as QC samples its buffer."""
+    """Fine-tuning's transitions on the device: the `offline` ones (the dataset; none with
+    balanced sampling) once, then each agent's online ones, `capacity` rows each. Agent k samples
+    its own buffer as QC and the official code sample theirs: the offline rows, then its online
+    rows oldest first, windows of --horizon rows anywhere in it, never another agent's rows. Once
+    an agent has `capacity` online rows its oldest go (the official code drops the oldest rows of
+    its whole buffer, offline ones first: the same until --buffer_size is reached, which 1M
+    offline and 1M online steps never do). `size` lives on the device, so sampling stays inside
+    a recorded CUDA graph while the buffers grow."""
 
-    def __init__(self, data, capacity, cfg):
+    def __init__(self, offline, agents, capacity, cfg):
         self.cfg = cfg
-        n = len(data["actions"])
-        self.capacity = max(capacity, n + 1)
-        self.count = n
-        self.added = 0
-        self.start = n % self.capacity
-        self.pointer = self.start
-        self.data = {k: v.new_zeros((self.capacity, *v.shape[1:])) for k, v in data.items()}
-        for k, v in data.items():
-            self.data[k][:n] = v
-        self.size = torch.tensor(float(n), device=data["actions"].device)
+        self.offline = len(offline["actions"])
+        self.capacity = capacity
+        self.added = 0  # online transitions of each agent so far
+        # agent k's online row j (its j-th transition modulo capacity) at offline + k capacity + j
+        self.data = {k: torch.cat([v, v.new_zeros((agents * capacity, *v.shape[1:]))])
+                     for k, v in offline.items()}
+        self.first_rows = self.offline + capacity * torch.arange(agents, device=cfg.device)
+        self.size = torch.tensor(float(self.offline), device=cfg.device)  # of each agent's buffer
+        self.oldest = torch.tensor(0, device=cfg.device)  # the ring's start in the online rows
 
-    def add(self, transition):
-        for k, v in transition.items():
-            self.data[k][self.pointer] = torch.as_tensor(v, dtype=torch.float32)
-        self.pointer = (self.pointer + 1) % self.capacity
-        self.added += 1
-        self.count = min(self.count + 1, self.capacity)
-        self.size.fill_(self.count)
+    def add(self, transitions):
+        """One transition for each agent: arrays with a leading agent dimension."""
+        for k, v in transitions.items():
+            self.data[k][self.first_rows + self.added % self.capacity] = torch.as_tensor(
+                v, dtype=torch.float32, device=self.cfg.device)
+        self.count(self.added + 1)
+
+    def count(self, added):
+        self.added = added
+        self.size.fill_(self.offline + min(added, self.capacity))
+        self.oldest.fill_(max(0, added - self.capacity) % self.capacity)
 
     def sample(self, batch_size, generators=(None,), tasks=(0,)):
-        """As fql.sample_batch: uniform rows (window starts), a batch per generator along a
-        leading agent dimension."""
-        starts = (self.size - self.cfg.horizon + 1).clamp(min=1)  # where a window can start
-        draws = [torch.rand(batch_size, device=self.size.device, generator=g) for g in generators]
-        return fql.gather(self.data, (torch.stack(draws) * starts).long(), tasks, self.cfg)
+        """As fql.sample_batch (uniform window starts), each agent in its own buffer."""
+        draws = torch.stack([torch.rand(batch_size, device=self.size.device, generator=g)
+                             for g in generators])
+        starts = (draws * (self.size - self.cfg.horizon + 1).clamp(min=1)).long()
+        rows = starts[..., None] + torch.arange(self.cfg.horizon, device=starts.device)
+        online = self.first_rows[:, None, None] + (rows - self.offline + self.oldest) % self.capacity
+        return fql.gather(self.data, torch.where(rows < self.offline, rows, online), tasks, self.cfg)
 
-    def online_rows(self):
-        """Positions of the rows written online that are still there, oldest first."""
-        kept = min(self.added, self.capacity)
-        return (self.start + self.added - kept + torch.arange(kept)) % self.capacity
+    def online_rows(self, agent):
+        """Where agent `agent`'s online transitions are, oldest first."""
+        kept = torch.arange(min(self.added, self.capacity), device=self.cfg.device)
+        return self.first_rows[agent] + (self.oldest + kept) % self.capacity
 
-    def state_dict(self):
-        rows = self.online_rows()
-        online = {k: v[rows.to(v.device)].cpu() for k, v in self.data.items()}
-        return dict(added=self.added, rows=online)
+    def state_dict(self, agent):
+        rows = self.online_rows(agent)
+        return dict(added=self.added, rows={k: v[rows].cpu() for k, v in self.data.items()})
 
-    def load_state_dict(self, state):
-        self.added = state["added"]
-        rows = self.online_rows()
-        for k, v in state["rows"].items():
-            self.data[k][rows.to(self.data[k].device)] = v.to(self.data[k].device)
-        self.pointer = (self.start + self.added) % self.capacity
-        self.count = min(self.count + self.added, self.capacity)
-        self.size.fill_(self.count)
+    def load_state_dicts(self, states):
+        """Each agent's online rows from its state_dict."""
+        self.count(states[0]["added"])
+        for agent, state in enumerate(states):
+            rows = self.online_rows(agent)
+            for k, v in state["rows"].items():  # (an earlier release kept rewards as a vector)
+                self.data[k][rows] = v.to(self.cfg.device).view(self.data[k][rows].shape)
 
 
 def sample_balanced(offline, buffer, batch_size, generators=(None,), tasks=(0,)):
-    """Half of each batch from the offline dataset, half from the online transitions."""
+    """Half of each batch from the offline dataset, half from each agent's online transitions."""
     first = fql.sample_batch(offline, batch_size // 2, generators, tasks, cfg=buffer.cfg)
     second = buffer.sample(batch_size - batch_size // 2, generators, tasks)
     return {k: torch.cat([first[k], second[k]], dim=1) for k in first}
 
 
-class OnlineCollector:
-    """Steps one environment with the current policy, one action a step: a chunk of actions
-    (--horizon) runs open-loop from a queue that empties when an episode ends, as QC's main.py
-    does. Every executed action goes to the replay buffer as its own transition, with mask =
-    1 - terminated and terminal = the episode's end. An episode starts from reset(seed=seed + the
-    online transitions so far), so that a resumed run can replay the one it was killed in."""
-
-    def __init__(self, env, seed, reward_shift=0.0, sparse=False):
-        self.env = env
-        self.seed = seed
-        self.reward_shift = reward_shift
-        self.sparse = sparse
-        self.last_episode = {}
-        self.queue = []
-        self.observation = None  # between episodes
-
-    def step(self, policy, buffer):
-        if self.observation is None:
-            self.observation, _ = self.env.reset(seed=self.seed + buffer.added)
-            self.generator = torch.Generator().manual_seed(self.seed + buffer.added)  # the noise
-            self.episode_return = 0.0
-            self.episode_length = 0
-        if not self.queue:  # a one-agent policy's action, or chunk of actions
-            chunk = policy(self.observation[None], [self.generator])[0]
-            self.queue = list(chunk.reshape(-1, self.env.action_space.shape[0]))
-        action = self.queue.pop(0)
-        next_observation, reward, terminated, truncated, info = self.env.step(action)
-        done = terminated or truncated
-        stored = -float(reward != 0) if self.sparse else reward + self.reward_shift  # as offline
-        buffer.add(dict(observations=self.observation, actions=action, rewards=stored,
-                        masks=1.0 - terminated, terminals=float(done),
-                        next_observations=next_observation))
-        self.episode_return += float(reward)
-        self.episode_length += 1
-        self.observation = next_observation
-        if done:
-            self.last_episode = {"exploration/success": float(info["success"]),
-                                 "exploration/return": self.episode_return,
-                                 "exploration/length": self.episode_length}
-            self.observation = None
-            self.queue = []
-
-    def state_dict(self):
-        steps = self.episode_length if self.observation is not None else 0  # into its episode
-        queue = np.array(self.queue).tolist()  # the rest of its chunk
-        noise = self.generator.get_state() if steps else None
-        return dict(steps=steps, queue=queue, last_episode=self.last_episode, noise=noise)
-
-    def load_state_dict(self, state, buffer):
-        """Where a killed run left off: its episode replayed from its reset with the actions the
-        buffer holds (exact where the reset's seed decides the start, as in OGBench's
-        manipulation environments)."""
-        self.last_episode = state["last_episode"]
-        self.queue = list(np.array(state["queue"], dtype=np.float32))
-        if state["steps"]:
-            self.observation, _ = self.env.reset(seed=self.seed + buffer.added - state["steps"])
-            self.episode_return = 0.0
-            rows = buffer.online_rows()[-state["steps"]:]
-            for action in buffer.data["actions"][rows.to(buffer.size.device)].cpu().numpy():
-                self.observation, reward, *_ = self.env.step(action)
-                self.episode_return += float(reward)
-            self.episode_length = state["steps"]
-            self.generator = torch.Generator()
-            self.generator.set_state(state["noise"])
-
-
 class Finetuning:
-    """The environment side of offline-to-online fine-tuning, for fql.train: one environment, a
-    replay buffer that starts with the offline data (or beside it, with --balanced_sampling) and
-    the collector."""
+    """The environment side of offline-to-online fine-tuning for fql.train, for every agent of a
+    grid: its own environment (its task's), all in one vector env of worker processes, its own
+    episodes, chunk queue and online rows (ReplayBuffer). Each step, one batched policy call
+    gives the agents whose queue is empty an action or a chunk of actions, run open-loop from the
+    queue (emptied when an episode ends, as QC's main.py does), and every environment takes one
+    step. Every executed action is its own transition (mask = 1 - terminated, terminal = the
+    episode's end). An agent's episode starts from reset(seed=its seed + the online transitions so
+    far), the policy's noise in it from a generator seeded alike, so that a resumed run replays
+    the episodes it was killed in. `workers(env_names, ...)` makes the vector env (eval.train)."""
 
-    def __init__(self, cfg, train_data):
+    def __init__(self, cfg, runs, train_data, workers):
+        self.cfg = cfg
         # the official code shifts D4RL antmaze rewards online as it does offline
-        antmaze = cfg.env in fql.D4RL and cfg.env.startswith("antmaze")
-        self.collector = OnlineCollector(make_env(cfg.env), cfg.seed, -1.0 if antmaze else 0.0,
-                                         cfg.sparse)
+        self.reward_shift = -1.0 if cfg.env in fql.D4RL and cfg.env.startswith("antmaze") else 0.0
+        self.seeds = np.array([run.seed for run in runs])
+        self.vector_env = workers([run.env for run in runs], autoreset_mode="Disabled")
+        self.action_size = self.vector_env.single_action_space.shape[0]
+        offline = {k: v[:0] for k, v in train_data.items()} if cfg.balanced_sampling else train_data
+        capacity = min(cfg.online_steps, cfg.buffer_size - len(offline["actions"]))
+        self.buffer = ReplayBuffer(offline, len(runs), max(capacity, 1), cfg)
+        self.sample = self.buffer.sample
         if cfg.balanced_sampling:
-            empty = {k: v[:0] for k, v in train_data.items()}
-            self.buffer = ReplayBuffer(empty, cfg.buffer_size, cfg)
             self.sample = functools.partial(sample_balanced, train_data, self.buffer)
-        else:  # the official layout: the offline data, then the online transitions appended
-            self.buffer = ReplayBuffer(train_data, cfg.buffer_size, cfg)
-            self.sample = self.buffer.sample
+        self.steps = np.zeros(len(runs), dtype=int)  # into each agent's episode (0: between two)
+        self.queues = [[] for _ in runs]
+        self.generators = [None for _ in runs]
+        self.returns = np.zeros(len(runs))
+        self.last_episode = [{} for _ in runs]
 
     def collect(self, policy):
-        self.collector.step(policy, self.buffer)
+        starting = self.steps == 0
+        if starting.any():
+            seeds = (self.seeds + self.buffer.added).tolist()
+            self.observations, _ = self.vector_env.reset(seed=seeds, options={"reset_mask": starting})
+            for k in np.flatnonzero(starting):
+                self.generators[k] = torch.Generator().manual_seed(seeds[k])
+                self.queues[k] = []
+                self.returns[k] = 0.0
+        calling = [not queue for queue in self.queues]
+        if any(calling):  # the agents that still have queued actions draw no noise
+            generators = [g if c else torch.Generator() for g, c in zip(self.generators, calling)]
+            chunks = policy(self.observations[:, None], generators)[:, 0]
+            for k in np.flatnonzero(calling):
+                self.queues[k] = list(chunks[k].reshape(-1, self.action_size))
+        actions = np.stack([queue.pop(0) for queue in self.queues])
+        observations, rewards, terminated, truncated, infos = self.vector_env.step(actions)
+        stored = -1.0 * (rewards != 0) if self.cfg.sparse else rewards + self.reward_shift  # as offline
+        self.buffer.add(dict(observations=self.observations, actions=actions,
+                             rewards=stored[:, None], masks=1.0 - terminated[:, None],
+                             terminals=terminated | truncated, next_observations=observations))
+        self.observations = observations
+        self.returns += rewards
+        self.steps += 1
+        for k in np.flatnonzero(terminated | truncated):
+            self.last_episode[k] = {"exploration/success": float(infos["success"][k]),
+                                    "exploration/return": self.returns[k],
+                                    "exploration/length": self.steps[k]}
+            self.steps[k] = 0
 
     def log(self):
-        return {**self.collector.last_episode, "exploration/buffer_size": self.buffer.count}
+        size = self.buffer.offline + min(self.buffer.added, self.buffer.capacity)
+        return [dict(episode, **{"exploration/buffer_size": size}) for episode in self.last_episode]
 
-    def state_dict(self):
-        return dict(self.buffer.state_dict(), collector=self.collector.state_dict())
+    def state_dict(self, agent):
+        """Agent `agent`'s part: its online rows, steps into its episode, the rest of its chunk."""
+        noise = self.generators[agent].get_state() if self.steps[agent] else None
+        collector = dict(steps=int(self.steps[agent]), queue=np.array(self.queues[agent]).tolist(),
+                         last_episode=self.last_episode[agent], noise=noise)
+        return dict(self.buffer.state_dict(agent), collector=collector)
 
-    def load_state_dict(self, state):
-        self.buffer.load_state_dict(state)
-        if "collector" in state:  # checkpoints of earlier versions start a new episode
-            self.collector.load_state_dict(state["collector"], self.buffer)
+    def load_state_dicts(self, states):
+        """Where a killed run left off: each agent's episode replayed from its reset with the
+        actions its buffer holds, all in lockstep, an environment reset again where its own
+        episode starts (exact where the reset's seed decides the start, as in OGBench's
+        manipulation environments)."""
+        self.buffer.load_state_dicts(states)
+        collectors = [state.get("collector", {}) for state in states]  # earlier releases': none
+        self.steps = np.array([c.get("steps", 0) for c in collectors])
+        self.last_episode = [c.get("last_episode", {}) for c in collectors]
+        seeds = (self.seeds + self.buffer.added - self.steps).tolist()  # of each one's episode
+        longest = int(self.steps.max())
+        if not longest:
+            return
+        actions = torch.stack([self.buffer.data["actions"][self.buffer.online_rows(k)[-longest:]]
+                               for k in range(len(states))]).cpu().numpy()
+        self.observations, _ = self.vector_env.reset(seed=seeds)
+        for j in range(longest):
+            starting = self.steps == longest - j
+            if j and starting.any():
+                self.observations, _ = self.vector_env.reset(seed=seeds,
+                                                             options={"reset_mask": starting})
+            self.observations, rewards, *_ = self.vector_env.step(actions[:, j])
+            self.returns += np.where(self.steps >= longest - j, rewards, 0.0)
+        for k, collector in enumerate(collectors):
+            self.queues[k] = list(np.array(collector.get("queue", []), dtype=np.float32))
+            self.generators[k] = torch.Generator().manual_seed(seeds[k])
+            if collector.get("noise") is not None:
+                self.generators[k].set_state(collector["noise"])
 
 
 def train(cfg):
-    """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
+    """fql.train with evaluation in the environment and, with --online_steps, fine-tuning; the
+    worker processes of their vector envs end with it, whatever ends it."""
     cfg = fql.resolve_config(cfg)
-    with Evaluator(cfg) as evaluator:  # its worker processes end with the block, whatever ends it
-        return fql.train(cfg, evaluator, Finetuning)
+    with contextlib.ExitStack() as stack:
+        def workers(env_names, **kwargs):
+            vector_env = make_vector_env(env_names, cfg.frame_stack, **kwargs)
+            stack.push(lambda error_type, *_: close_vector_env(vector_env, error_type is not None))
+            return vector_env
+
+        return fql.train(cfg, Evaluator(cfg, workers), functools.partial(Finetuning,
+                                                                         workers=workers))
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------------
@@ -814,8 +822,9 @@ class EvalArgs:
 
 @dataclass
 class FinetuneArgs:
-    checkpoint: str
-    """run folder (its checkpoint.pt) or checkpoint file to start from"""
+    checkpoint: tuple[str, ...]
+    """run folders (their checkpoint.pt) or checkpoint files to start from: one run, or a grid's
+    runs (every combination of some tasks, alphas and seeds, such as runs/<env>__seed*)"""
     online_steps: int = 1_000_000
     """environment steps, one update each"""
     eval_interval: int = 100_000
@@ -831,7 +840,7 @@ class FinetuneArgs:
     save_interval: int = 100_000
     """steps between checkpoints"""
     run_dir: str | None = None
-    """where the fine-tuning run goes; default: <run>-finetune"""
+    """where the fine-tuning run goes (a grid's: <run_dir>/task<t>__...); default <run>-finetune"""
     resume: bool = False
     """continue a killed fine-tuning run in run_dir"""
     device: str = "auto"
@@ -890,21 +899,51 @@ def run_evaluation(args):
 
 
 def run_finetune(args):
-    path = checkpoint_path(args.checkpoint)
-    saved = load_agent(path, "cpu")[1]  # a checkpoint these networks cannot load is refused first
+    """The checkpoints (one, or a grid's: every combination of some tasks, alphas and seeds, all
+    else equal) fine-tuned as one grid, each agent from a copy of its checkpoint in its own new
+    folder: its run's folder + "-finetune", or in --run_dir."""
+    paths = [checkpoint_path(path) for path in args.checkpoint]
+    saved = {}  # (env, alpha, seed): its checkpoint; one these networks cannot load is refused
+    for path in paths:
+        state = load_agent(path, "cpu")[1]
+        run = checkpoint_config(state, run_dir=os.path.dirname(os.path.abspath(path)))
+        grid = dataclasses.replace(run, env=re.sub(r"-task\d+-v0$", "-v0", run.env), alpha=None,
+                                   seed=None, seeds=None, run_dir=folder_template(run), device="")
+        saved[run.env, run.alpha, run.seed] = (state, run, grid, state["step"])
+        if grid != saved[next(iter(saved))][2] or state["step"] != saved[next(iter(saved))][3]:
+            raise UsageError(f"{paths[0]} and {path} differ in more than task, alpha and seed (or "
+                             "in their step): fine-tune them apart")
+    envs, alphas, seeds = (sorted(set(axis)) for axis in zip(*saved))
+    if len(saved) != len(paths) or len(saved) != len(envs) * len(alphas) * len(seeds):
+        raise UsageError("these checkpoints are not a grid (every combination of their tasks, "
+                         "alphas and seeds, each once): fine-tune them apart")
+    state, run, grid, step = saved[envs[0], alphas[0], seeds[0]]
+    tasks = [int(env[-4]) for env in envs] if len(envs) > 1 else None  # ...-task<N>-v0
     changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
-    default_dir = os.path.dirname(os.path.abspath(path)) + "-finetune"
-    changes.update(offline_steps=saved["step"], resume=True, run_dir=args.run_dir or default_dir)
-    cfg = fql.resolve_config(checkpoint_config(saved, **changes))
-    start = os.path.join(cfg.run_dir, "checkpoint.pt")
-    if os.path.exists(start) and not args.resume:
-        raise UsageError(f"{cfg.run_dir} already holds a run; add --resume to continue it, or pass "
-                         "another --run_dir")
-    if not os.path.exists(start):  # a new fine-tuning run continues the offline agent, elsewhere
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        torch.save(dict(saved, config=dataclasses.asdict(cfg), buffer=None), start + ".tmp")
-        os.replace(start + ".tmp", start)
+    changes.update(offline_steps=step, resume=True, run_dir=args.run_dir or grid.run_dir + "-finetune",
+                   env=grid.env if tasks else run.env, tasks=tasks, seeds=tuple(seeds),
+                   alpha=alphas[0], alphas=tuple(alphas) if len(alphas) > 1 else None)
+    cfg = fql.resolve_config(dataclasses.replace(run, seed=None, **changes))
+    for run in fql.agent_runs(cfg):
+        start = os.path.join(run.run_dir, "checkpoint.pt")
+        if os.path.exists(start) and not args.resume:
+            raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or "
+                             "pass another --run_dir")
+        if not os.path.exists(start):  # a new fine-tuning run continues the offline agent
+            os.makedirs(run.run_dir, exist_ok=True)
+            state = saved[run.env, run.alpha, run.seed][0]
+            fql.write_atomically(start, functools.partial(
+                torch.save, dict(state, config=dataclasses.asdict(run), buffer=None)))
     return train(cfg)
+
+
+def folder_template(run):
+    """A run's folder with its task, alpha and seed where it names them as placeholders."""
+    task = re.search(r"(?<=-task)\d+(?=-v0$)", run.env)
+    folder = run.run_dir
+    for name, value in (("task", task and task[0]), ("alpha", f"{run.alpha:g}"), ("seed", run.seed)):
+        folder = re.sub(rf"{name}{value}(?![\d.])", f"{name}{{{name}}}", folder)
+    return folder
 
 
 def main(argv=None):

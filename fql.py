@@ -599,24 +599,14 @@ def resolve_env(name):
     if alias and alias[1] in ENVS:
         dataset, default_task, _, _ = ENVS[alias[1]]
         name = f"{dataset}-singletask-task{alias[2] or default_task}-v0"
-    full = re.fullmatch(r"(.+)-(\w+)-singletask(?:-task(\d+))?-v0", name)
-    if full and full[3] and not 1 <= int(full[3]) <= 5:
-        raise UsageError(f"{name}: OGBench single-task envs have tasks 1 to 5")
-    if full:
-        for dataset, _, alpha, extra in ENVS.values():
-            if dataset == f"{full[1]}-{full[2]}":
-                return name, dict(alpha=alpha, **extra)
-        quiet_simulators()
-        import gymnasium
-        import ogbench  # noqa: F401  (registers OGBench's environments with gymnasium)
-
-        task = f"-task{full[3]}" if full[3] else ""
-        if f"{full[1]}-singletask{task}-v0" in gymnasium.registry:
-            return name, {}  # another OGBench dataset: the official defaults
+    full = re.fullmatch(r"(.+)-singletask(-task[1-5])?-v0", name)
+    if full:  # the table's defaults; another OGBench dataset, the official ones
+        defaults = {dataset: dict(alpha=alpha, **extra) for dataset, _, alpha, extra in ENVS.values()}
+        return name, defaults.get(full[1], {})
     aliases = ", ".join(f"ogbench-{alias}" for alias in ENVS)
     d4rl_names = ", ".join("d4rl-" + d4rl_name[:-3] for d4rl_name in D4RL)
-    raise UsageError(f"unknown env {name!r}. Valid: {aliases} (add -task1..-task5 for another "
-                     "task), a full OGBench single-task name such as "
+    raise UsageError(f"unknown env {name!r}. Valid: {aliases} (add -task1 to -task5 for OGBench's "
+                     "tasks 1 to 5), a full OGBench single-task name such as "
                      f"cube-single-play-singletask-task2-v0, or {d4rl_names}")
 
 
@@ -634,9 +624,11 @@ def resolve_config(cfg):
         raise UsageError(f"--device {device}: give auto, cpu, or cuda[:N] for one of this "
                          f"machine's {gpus} CUDA GPUs")
     seeds = tuple(cfg.seeds or (cfg.seed or 0,))
-    for name, values in (("seed", seeds), ("alpha", cfg.alphas)):  # --seed 1 = --seeds 1
-        if values and getattr(cfg, name) not in (None, values[0]):
+    for name, values in (("seed", seeds), ("alpha", cfg.alphas), ("task", cfg.tasks)):
+        if values and getattr(cfg, name, None) not in (None, values[0]):  # --seed 1 = --seeds 1
             raise UsageError(f"give --{name} or --{name}s, not both")
+        if values and len(set(values)) < len(values):
+            raise UsageError(f"--{name}s has a value twice: {' '.join(map(str, values))}")
     if cfg.alphas:
         filled["alpha"] = cfg.alphas[0]
     if cfg.tasks and ("-singletask" not in env_name or re.search(r"-task\d", cfg.env)):
@@ -644,34 +636,28 @@ def resolve_config(cfg):
                          f"not ogbench-cube-single-task2); {cfg.env} is not one")
     if cfg.tasks:  # the grid's env: one of OGBench's single-task envs, its task left out
         env_name = re.sub(r"-task\d+-v0$", "-v0", env_name)
-    for name, values in (("seeds", seeds), ("tasks", cfg.tasks), ("alphas", cfg.alphas)):
-        if values and len(set(values)) < len(values):
-            raise UsageError(f"--{name} has a value twice: {' '.join(map(str, values))}")
-    # each agent's folder names the axes the user gave lists for, and its seed
-    axes = ["task{task}"] * bool(cfg.tasks) + ["alpha{alpha}"] * bool(cfg.alphas) + ["seed{seed}"]
-    run_dir = cfg.run_dir or f"runs/{cfg.env}__" + "__".join(axes)
-    agents = len(seeds) * len(cfg.tasks or [0]) * len(cfg.alphas or [0])
-    if agents > 1 and "{seed}" not in run_dir:
-        run_dir += "/" + "__".join(axes)
-    if agents == 1:
-        run_dir = fill_run_dir(run_dir, (cfg.tasks or [0])[0], filled.get("alpha", cfg.alpha),
-                               seeds[0])
+    # each agent's folder (agent_runs fills it in) names the axes given as lists, and its seed
+    axes = "__".join(["task{task}"] * bool(cfg.tasks) + ["alpha{alpha}"] * bool(cfg.alphas) +
+                     ["seed{seed}"])
+    run_dir = cfg.run_dir or f"runs/{cfg.env}__{axes}"
+    if len(seeds) * len(cfg.tasks or [0]) * len(cfg.alphas or [0]) > 1 and "{" not in run_dir:
+        run_dir += "/" + axes
     cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=os.path.normpath(run_dir),
                               seed=seeds[0], seeds=seeds, **filled)
 
     # nan fails every comparison, so these checks refuse it too
-    rules = {
-        "must be positive": (lambda v: 0 < v < math.inf, "batch_size", "flow_steps", "horizon",
-                             "lr", "buffer_size", "log_interval", "save_interval", "eval_episodes"),
-        "must be >= 0": (lambda v: 0 <= v < math.inf, "alphas", "alpha", "offline_steps",
-                         "online_steps", "eval_interval"),
-        "must be in [0, 1]": (lambda v: 0 <= v <= 1, "discount", "p_aug"),
-        "must be in (0, 1]": (lambda v: 0 < v <= 1, "tau"),
-        "must be among OGBench's tasks, 1 to 5": (lambda v: 1 <= v <= 5, "tasks"),
-        "must be in [0, 2**32), numpy's seeds": (lambda v: 0 <= v < 2**32, "seeds"),
-    }
-    for rule, (valid, *names) in rules.items():
-        for name in names:
+    for rule, valid, names in (
+        ("must be positive", lambda v: 0 < v < math.inf,
+         "batch_size flow_steps horizon lr buffer_size log_interval save_interval eval_episodes "
+         "frame_stack"),
+        ("must be >= 0", lambda v: 0 <= v < math.inf,
+         "alphas alpha offline_steps online_steps eval_interval"),
+        ("must be in [0, 1]", lambda v: 0 <= v <= 1, "discount p_aug"),
+        ("must be in (0, 1]", lambda v: 0 < v <= 1, "tau"),
+        ("must be among OGBench's tasks, 1 to 5", lambda v: 1 <= v <= 5, "tasks"),
+        ("must be in [0, 2**32), numpy's seeds", lambda v: 0 <= v < 2**32, "seeds"),
+    ):
+        for name in names.split():
             value = getattr(cfg, name)
             for v in value if isinstance(value, tuple) else [value]:
                 if v is not None and not valid(v):
@@ -679,17 +665,12 @@ def resolve_config(cfg):
     if cfg.offline_steps + cfg.online_steps == 0:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
     pixels = cfg.env.startswith("visual-")
-    if not pixels and (cfg.encoder or cfg.frame_stack or cfg.p_aug is not None):
+    if not pixels and (cfg.encoder, cfg.frame_stack, cfg.p_aug) != (None, None, None):
         raise UsageError("--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs; "
                          f"{cfg.env} has states")
-    if pixels and not (cfg.encoder and (cfg.frame_stack or 0) >= 1):
-        raise UsageError(f"{cfg.env} has pixel observations: give --encoder and --frame_stack >= 1")
     if pixels and (cfg.online_steps or cfg.horizon > 1):
         raise UsageError("fine-tuning and --horizon > 1 are not supported on pixels: their "
                          "batches would hold stacked frames per step")
-    if agents > 1 and (cfg.online_steps or cfg.wandb_project):
-        raise UsageError("--online_steps and --wandb_project take one agent; fine-tune each "
-                         "agent's run with eval.py finetune, or log one run per process")
     return cfg
 
 
@@ -749,18 +730,15 @@ def load_ogbench(env_names, dataset_dir):
         raise UsageError(f"{' or '.join(broken)} is not a readable OGBench dataset "
                          f"({type(err).__name__}; an interrupted download?): delete it to download "
                          "it again, or copy a whole one there") from None
-    env.close()  # eval.py makes its own environments
     # Each task's rewards and masks, a column per task, from the states the dataset holds (qpos,
-    # button_states): OGBench's own relabelling, as make_env_and_datasets does for one task
-    envs = [ogbench.make_env_and_datasets(name, env_only=True) for name in env_names]
+    # button_states): OGBench's own relabelling, as make_env_and_datasets did for the first task
+    envs = [env] + [ogbench.make_env_and_datasets(name, env_only=True) for name in env_names[1:]]
     for dataset in (train, val):
         columns = []
         for name, env in zip(env_names, envs):
             relabel_dataset(name, env, dataset)
             columns.append((dataset["rewards"], dataset["masks"]))
         dataset["rewards"], dataset["masks"] = (np.stack(c, axis=-1) for c in zip(*columns))
-    for env in envs:
-        env.close()
     return train, val
 
 
@@ -844,12 +822,13 @@ def sample_batch(data, batch_size, generators=(None,), tasks=(0,), p_aug=None, c
     rewards and masks come from column tasks[k]. With cfg.horizon > 1, windows of that many rows
     (`gather`). Pixels: the frames are stacked along the channels, oldest first, then randomly
     shifted with probability p_aug."""
-    rows = len(data["actions"]) - (cfg.horizon - 1 if cfg else 0)  # where a window can start
-    idx = torch.stack([
-        torch.randint(rows, (batch_size,), device=data["actions"].device, generator=g)
+    horizon = cfg.horizon if cfg else 1
+    starts = torch.stack([
+        torch.randint(len(data["actions"]) - horizon + 1, (batch_size,), generator=g,
+                      device=data["actions"].device)
         for g in generators
     ])
-    batch = gather(data, idx, tasks, cfg)
+    batch = gather(data, starts[..., None] + torch.arange(horizon, device=starts.device), tasks, cfg)
     if "frames" in data:
         frames = data["frames"][batch.pop("frame_rows")]  # (agents, batch, frames + 1, H, W, C)
         batch["observations"] = frames[:, :, :-1].movedim(2, -2).flatten(-2)
@@ -860,26 +839,24 @@ def sample_batch(data, batch_size, generators=(None,), tasks=(0,), p_aug=None, c
     return batch
 
 
-def gather(data, idx, tasks=(0,), cfg=None):
-    """The batch of rows `idx` (agents, batch), agent k's rewards and masks from column tasks[k].
-    With cfg.horizon H > 1, QC's windows of H rows from each (its sample_sequence; a window may
-    cross an episode's end): s_t, the actions a_t..a_{t+H-1} flattened time-major (FQL-n: a_t
-    alone), the discounted reward sum, the masks' minimum, s_{t+H}, and `valid`: a step of the
-    window counts unless an episode ended before it."""
-    task = torch.as_tensor(tasks, device=idx.device)[:, None]  # (agents, 1)
-    if not cfg or cfg.horizon == 1:
-        return {k: v[idx, task] if k in ("rewards", "masks") else v[idx]
+def gather(data, rows, tasks=(0,), cfg=None):
+    """The batch of the windows of H rows `rows` (agents, batch, H), agent k's rewards and masks
+    from column tasks[k]. H = 1: FQL's transitions. H > 1: QC's windows (its sample_sequence; a
+    window may cross an episode's end): s_t, the actions a_t..a_{t+H-1} flattened time-major
+    (FQL-n: a_t alone), the discounted reward sum, the masks' minimum, s_{t+H}, and `valid`: a
+    step of the window counts unless an episode ended before it."""
+    task = torch.as_tensor(tasks, device=rows.device)[:, None, None]  # (agents, 1, 1)
+    if rows.shape[-1] == 1:
+        return {k: (v[rows, task] if k in ("rewards", "masks") else v[rows])[:, :, 0]
                 for k, v in data.items() if k not in ("frames", "terminals")}
-    steps = torch.arange(cfg.horizon, device=idx.device)
-    rows = idx[..., None] + steps  # (agents, batch, H)
-    task = task[..., None]
+    steps = torch.arange(rows.shape[-1], device=rows.device)
     actions = data["actions"][rows]
     ended = data["terminals"][rows].cummax(dim=-1).values  # an episode ended here or before
     return dict(
         actions=actions.flatten(-2) if cfg.action_chunking else actions[..., 0, :],
         rewards=(data["rewards"][rows, task] * cfg.discount**steps).sum(-1),
         masks=data["masks"][rows, task].amin(-1),
-        observations=data["observations"][idx],
+        observations=data["observations"][rows[..., 0]],
         next_observations=data["next_observations"][rows[..., -1]],
         valid=1 - F.pad(ended[..., :-1], (1, 0)),  # the first step always counts
     )
@@ -936,10 +913,10 @@ def write_atomically(path, write, rename=True):
         os.replace(path + ".tmp", path)
 
 
-def save_checkpoints(agent, step, runs, online_state=None):
-    """Each agent's checkpoint.pt (with fine-tuning's `online_state`), unless its parameters
-    diverged: all written to temporary files first, then renamed, so that a kill leaves the
-    previous ones whole."""
+def save_checkpoints(agent, step, runs, online=None):
+    """Each agent's checkpoint.pt (with its fine-tuning state, from `online`), unless its
+    parameters diverged: all written to temporary files first, then renamed, so that a kill
+    leaves the previous ones whole."""
     for run, params in zip(runs, zip(*agent.params.values())):  # one host synchronisation each
         if not torch.stack([p.isfinite().all() for p in params]).all():
             stop_diverged(f"its parameters are not finite at step {step}", run.run_dir)
@@ -949,8 +926,8 @@ def save_checkpoints(agent, step, runs, online_state=None):
     for i, (run, path) in enumerate(zip(runs, paths)):
         rng = dict(generator=agent.generators[i].get_state(), torch=torch.get_rng_state(),
                    numpy=numpy_state, cuda=torch.cuda.get_rng_state_all())  # [] without a GPU
-        state = dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run),
-                     action_dim=agent.nets.action_dim, buffer=online_state, rng=rng,
+        state = dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run), rng=rng,
+                     action_dim=agent.nets.action_dim, buffer=online and online.state_dict(i),
                      observation_shape=agent.nets.observation_shape)
         write_atomically(path, functools.partial(torch.save, state), rename=False)
     for path in paths:
@@ -1000,7 +977,7 @@ def read_checkpoint(path):
 def load_checkpoints(agent, runs):
     """Resume a killed run: each agent's checkpoint read and checked (its config may differ only
     in RESUMABLE_CHANGES), then its networks, Adam's state and random streams restored; returns
-    the first agent's checkpoint."""
+    the checkpoints."""
     states = []
     for run in runs:
         states.append(read_checkpoint(os.path.join(run.run_dir, "checkpoint.pt")))
@@ -1021,7 +998,7 @@ def load_checkpoints(agent, runs):
     np.random.set_state(rng["numpy"])
     if rng["cuda"] and len(rng["cuda"]) <= torch.cuda.device_count():  # [] or None: no GPU
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return states[0]
+    return states
 
 
 class CSVLog:
@@ -1059,22 +1036,27 @@ class RunLog:
                       for name in ("train.csv", "eval.csv")}
         from tqdm import tqdm
 
-        self.wandb = None
+        self.wandb = []
         if cfg.wandb_project:
             try:
                 import wandb
             except ImportError:
                 raise UsageError("--wandb_project needs wandb: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+            # a run per agent, named after its folder, in a group named after the grid
+            self.wandb = [wandb.init(project=cfg.wandb_project, group=cfg.run_dir, name=run.run_dir,
+                                     config=dataclasses.asdict(run), reinit="create_new")
+                          for run in runs]
         self.progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps,
                              unit="update", smoothing=0.05)
         self.timer = (time.time(), start)  # updates/s since the last row, evaluations left out
 
-    def train(self, step, metrics, extra):
-        """A train.csv row per agent: its metrics, `extra` and the updates/s since the last row."""
-        extra["time/updates_per_sec"] = (step - self.timer[1]) / (time.time() - self.timer[0])
+    def train(self, step, metrics, extras):
+        """A train.csv row per agent: its metrics, its `extras` and the updates/s since the last
+        row."""
+        speed = {"time/updates_per_sec": (step - self.timer[1]) / (time.time() - self.timer[0])}
         values = torch.stack(list(metrics.values()), dim=1).tolist()  # (agents, metrics)
-        self.write("train.csv", step, [{**dict(zip(metrics, v)), **extra} for v in values])
+        rows = [{**dict(zip(metrics, v)), **extra, **speed} for v, extra in zip(values, extras)]
+        self.write("train.csv", step, rows)
         self.timer = (time.time(), step)
 
     def evaluation(self, step, results):
@@ -1092,8 +1074,8 @@ class RunLog:
             for key, value in row.items():
                 if not math.isfinite(value):
                     stop_diverged(f"{key} is {value} at step {step}", os.path.dirname(log.path))
-        if self.wandb:
-            self.wandb.log(rows[0], step=step)
+        for run, row in zip(self.wandb, rows):
+            run.log(row, step=step)
 
 
 def stop_diverged(what, run_dir):
@@ -1130,12 +1112,12 @@ def open_run(cfg, runs, agent, online):
     (and fine-tuning's buffer) come from its checkpoint. Then each one's config.json is written."""
     start = 0
     if cfg.resume and os.path.exists(os.path.join(runs[0].run_dir, "checkpoint.pt")):
-        state = load_checkpoints(agent, runs)
-        start = state["step"]
-        if online and state["buffer"] is not None:
-            online.load_state_dict(state["buffer"])
+        states = load_checkpoints(agent, runs)
+        start = states[0]["step"]
+        if online and states[0]["buffer"] is not None:
+            online.load_state_dicts([state["buffer"] for state in states])
     elif cfg.resume:
-        print(f"--resume: no checkpoint in {cfg.run_dir} yet; starting from the beginning")
+        print(f"--resume: no checkpoint in {runs[0].run_dir} yet; starting from the beginning")
     for run in runs:  # written once the run is accepted
         os.makedirs(run.run_dir, exist_ok=True)
         config = json.dumps(dataclasses.asdict(run), indent=1)
@@ -1148,8 +1130,8 @@ def train(cfg, evaluate=None, finetuning=None):
     """Algorithm 1 for every agent of cfg: offline steps, then with --online_steps fine-tuning.
     eval.py gives the env side (without it, no evaluation): `evaluate(policy, runs, step)` -> a
     result per agent, run k's episode i in runs[k].env from reset(seed=runs[k].seed + step + i);
-    `finetuning(cfg, train_data)` -> an object as eval.Finetuning (collect, sample, log, state
-    dicts)."""
+    `finetuning(cfg, runs, train_data)` -> an object as eval.Finetuning (collect, sample, log,
+    state dicts)."""
     cfg = resolve_config(cfg)
     runs = agent_runs(cfg)
     np.random.seed(cfg.seed)
@@ -1169,10 +1151,11 @@ def train(cfg, evaluate=None, finetuning=None):
     validation = None
     if len(splits) > 1:
         validation = functools.partial(sample_batch, splits[1], cfg=cfg)
-    online = finetuning(cfg, train_data) if cfg.online_steps else None
+    online = finetuning(cfg, runs, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
     start = open_run(cfg, runs, agent, online)
-    print(f"FQL on {cfg.env}, alpha {cfg.alphas or cfg.alpha}, in {cfg.run_dir}")
+    where = runs[0].run_dir if len(runs) == 1 else cfg.run_dir  # a grid's: its folders' pattern
+    print(f"FQL on {cfg.env}, alpha {cfg.alphas or cfg.alpha}, in {where}")
     total_steps = cfg.offline_steps + cfg.online_steps
     log = RunLog(cfg, runs, start, total_steps)
     # A cluster sends SIGTERM before it preempts or requeues a job (SLURM: SIGKILL follows after a
@@ -1194,17 +1177,18 @@ def train(cfg, evaluate=None, finetuning=None):
                     with torch.no_grad():
                         _, val_metrics = agent.losses_eager(*agent.draw(validation), True)
                     metrics |= {f"validation/{k}": v for k, v in val_metrics.items()}
-                log.train(step, metrics, online.log() if step > cfg.offline_steps else {})
+                offline = step <= cfg.offline_steps
+                log.train(step, metrics, [{}] * len(runs) if offline else online.log())
 
             last = step == total_steps
             if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
                 log.evaluation(step, evaluate(agent.act, runs, step))
 
             if step % cfg.save_interval == 0 or last or stop:
-                save_checkpoints(agent, step, runs, online.state_dict() if online else None)
+                save_checkpoints(agent, step, runs, online)
             if stop and not last:
                 log.progress.close()
-                raise SystemExit(f"stopped by SIGTERM at step {step}, saved in {cfg.run_dir}; the "
+                raise SystemExit(f"stopped by SIGTERM at step {step}, saved in {where}; the "
                                  "same command with --resume continues")
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)

@@ -427,6 +427,17 @@ class ChunkEnv(gymnasium.Env):
         return np.full(1, self.t, np.float32), 0.0, False, self.t == 7, {"success": 0.0}
 
 
+def in_process_finetuning(envs, seeds, obs_dim=1, **flags) -> "fql_eval.Finetuning":
+    """eval.Finetuning for one agent per env (the agents' seeds `seeds`), its vector env stepping them in this
+    process, its buffer without offline rows."""
+    cfg = fql.resolve_config(make_config(online_steps=20, seeds=tuple(seeds), **flags))
+    empty = dict(observations=torch.zeros(0, obs_dim), actions=torch.zeros(0, 1), rewards=torch.zeros(0, 1),
+                 masks=torch.zeros(0, 1), terminals=torch.zeros(0), next_observations=torch.zeros(0, obs_dim))
+    runs = [dataclasses.replace(cfg, seed=seed, seeds=(seed,)) for seed in seeds]
+    vector_env = gymnasium.vector.SyncVectorEnv([lambda env=env: env for env in envs], autoreset_mode="Disabled")
+    return fql_eval.Finetuning(cfg, runs, empty, workers=lambda names, **kwargs: vector_env)
+
+
 def test_chunks_run_open_loop_and_start_afresh_with_each_episode():
     """A policy that emits chunks of 3 actions is called every 3 steps, its actions run in order, and a new
     episode starts a new chunk (the last chunk of an episode of 7 steps is cut after one action): in
@@ -449,16 +460,14 @@ def test_chunks_run_open_loop_and_start_afresh_with_each_episode():
         np.testing.assert_allclose(env.actions, expected)
 
     calls.clear()
-    buffer = fql_eval.ReplayBuffer({k: torch.zeros(0, 1) if k in ("observations", "next_observations", "actions")
-                                    else torch.zeros(0) for k in ("observations", "next_observations", "actions",
-                                                                 "rewards", "masks", "terminals")}, 20, make_config())
-    collector = fql_eval.OnlineCollector(ChunkEnv(), seed=0)
+    env = ChunkEnv()
+    online = in_process_finetuning([env], seeds=[0])
     for _ in range(9):
-        collector.step(chunk_policy, buffer)
-    np.testing.assert_allclose(collector.env.actions, chunks[0] + chunks[1] + chunks[2][:1] + chunks[3][:2])
-    np.testing.assert_allclose(buffer.data["actions"][:9, 0], collector.env.actions)  # each action its own row
-    np.testing.assert_array_equal(buffer.data["terminals"][:9], [0] * 6 + [1, 0, 0])
-    state = collector.state_dict()
+        online.collect(chunk_policy)
+    np.testing.assert_allclose(env.actions, chunks[0] + chunks[1] + chunks[2][:1] + chunks[3][:2])
+    np.testing.assert_allclose(online.buffer.data["actions"][:9, 0], env.actions)  # each action its own row
+    np.testing.assert_array_equal(online.buffer.data["terminals"][:9], [0] * 6 + [1, 0, 0])
+    state = online.state_dict(0)["collector"]
     assert state["steps"] == 2 and np.allclose(state["queue"], [[chunks[3][2]]])  # mid-chunk
 
 
@@ -467,10 +476,9 @@ def test_sparse_rewards_are_qcs():
     dataset["rewards"] = np.array([-2, -1, 0, -1, 0, -3], np.float32)
     assert fql.to_device(dataset, "cpu", sparse=True)["rewards"][:, 0].tolist() == [-1, -1, 0, -1, 0, -1]
     assert fql.to_device(dataset, "cpu")["rewards"][:, 0].tolist() == [-2, -1, 0, -1, 0, -3]
-    buffer = fql_eval.ReplayBuffer({k: v[:0] for k, v in fql.to_device(dataset, "cpu").items()}, 10, make_config())
-    collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=0, sparse=True)  # reward 1 a step
-    collector.step(lambda obs, generators: np.ones((1, 1)), buffer)
-    assert buffer.data["rewards"][0] == -1
+    online = in_process_finetuning([TerminatingEnv()], seeds=[0], obs_dim=2, sparse=True)  # reward 1 a step
+    online.collect(lambda obs, generators: np.ones((1, 1, 1)))
+    assert online.buffer.data["rewards"][0] == -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,7 +794,7 @@ def test_checkpoint_round_trip_restores_networks_optimiser_and_rng(tmp_path):
 
     torch.manual_seed(99)
     restored = make_agent(7, 3, cfg)
-    assert fql.load_checkpoints(restored, [cfg])["step"] == 1
+    assert fql.load_checkpoints(restored, [cfg])[0]["step"] == 1
     assert restored.optimizer.param_groups[0]["capturable"] is False  # the flags follow this agent's device
     np.testing.assert_array_equal(restored.act(np.ones((1, 4, 7), np.float32), generators(4)), expected_act)
     got_update = restored.update(one(random_batch(64, 7, 3)), one(fixed_noise(64, 3)), with_metrics=True)
@@ -1408,53 +1416,52 @@ def test_videos_are_written(tmp_path):
     assert frames.shape == (11, 256, 256, 3) and frames.std() > 0  # first frame + every 20th of 200 steps
 
 
-def test_replay_buffer_appends_samples_online_rows_and_restores():
+def test_replay_buffer_keeps_each_agents_online_rows_after_the_shared_offline_ones():
+    """Two agents on 10 shared offline rows: each adds its own online rows; its batches are uniform over the
+    offline rows and its own online ones, windows included, never the other agent's; once an agent has `capacity`
+    online rows its oldest go; the rows round-trip through each agent's state dict."""
     n = 10
     offline = dict(observations=torch.zeros(n, 3), next_observations=torch.zeros(n, 3), actions=torch.zeros(n, 2),
                    rewards=torch.zeros(n, 1), masks=torch.ones(n, 1), terminals=torch.zeros(n))  # one task
-    cfg = make_config()
-    buffer = fql_eval.ReplayBuffer(offline, capacity=14, cfg=cfg)
-    for i in range(6):  # 4 fit after the offline rows; then, as in the official code, the oldest rows go
-        buffer.add(dict(observations=np.full(3, i + 1.0), actions=np.ones(2), rewards=1.0, masks=1.0 - (i == 5),
-                        terminals=0.0, next_observations=np.full(3, i + 2.0)))
-    assert (buffer.count, buffer.pointer, float(buffer.size)) == (14, 2, 14.0)
-    torch.testing.assert_close(buffer.data["observations"][[10, 11, 12, 13, 0, 1], 0],
-                               torch.tensor([1.0, 2, 3, 4, 5, 6]))
-    assert buffer.data["masks"][1] == 0
-    batch = {k: v[0] for k, v in buffer.sample(20_000).items()}  # one seed's batch
-    assert abs(float(batch["rewards"].mean()) - 6 / 14) < 0.02  # uniform over all 14 rows
-    assert torch.equal(batch["next_observations"][:, 0] - batch["observations"][:, 0], batch["rewards"])
-
-    restored = fql_eval.ReplayBuffer(offline, capacity=14, cfg=cfg)
-    restored.load_state_dict(buffer.state_dict())
-    assert (restored.count, restored.pointer, float(restored.size)) == (14, 2, 14.0)
+    cfg = make_config(horizon=3)
+    buffer = fql_eval.ReplayBuffer(offline, 2, capacity=4, cfg=cfg)
+    for i in range(6):  # agent k's i-th online row: observation 10 k + i + 1, reward k + 1
+        buffer.add(dict(observations=np.array([[i + 1.0] * 3, [i + 11.0] * 3]), actions=np.ones((2, 2)),
+                        rewards=np.array([[1.0], [2.0]]), masks=np.ones((2, 1)), terminals=np.zeros(2),
+                        next_observations=np.zeros((2, 3))))
+    assert (buffer.added, float(buffer.size)) == (6, 14.0)  # 10 offline rows, each agent's 4 latest online ones
+    for agent in (0, 1):
+        online = buffer.data["observations"][buffer.online_rows(agent), 0]
+        assert online.tolist() == [10 * agent + i + 1.0 for i in (2, 3, 4, 5)]  # oldest first
+    batch = buffer.sample(20_000, [torch.Generator().manual_seed(k) for k in (0, 1)])
+    first = batch["observations"][..., 0]  # each window's first row
+    for agent in (0, 1):
+        own = first[agent][first[agent] > 0]
+        assert set(own.tolist()) == {10 * agent + i + 1.0 for i in (2, 3, 4, 5)} - {10 * agent + 5.0, 10 * agent + 6}
+        assert abs(float((first[agent] > 0).float().mean()) - 2 / 12) < 0.02  # uniform over the 12 window starts
+        rewards = batch["rewards"][agent][first[agent] > 0]  # a window of 3 own online rows: its rewards' sum
+        torch.testing.assert_close(rewards, torch.full_like(rewards, (agent + 1) * (1 + 0.99 + 0.99**2)))
+    restored = fql_eval.ReplayBuffer(offline, 2, capacity=4, cfg=cfg)
+    restored.load_state_dicts([buffer.state_dict(agent) for agent in (0, 1)])
+    assert (restored.added, float(restored.size), int(restored.oldest)) == (6, 14.0, 2)
     for k in offline:
-        assert torch.equal(restored.data[k], buffer.data[k])
-
-    online = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4, cfg=cfg)
-    for i in range(7):  # the online rows themselves wrap: the 4 latest stay
-        online.add(dict(observations=np.full(3, i + 1.0), actions=np.ones(2), rewards=1.0, masks=1.0, terminals=0.0,
-                        next_observations=np.ones(3)))
-    assert (online.count, online.pointer, online.online_rows().tolist()) == (4, 3, [3, 0, 1, 2])
-    assert online.data["observations"][online.online_rows(), 0].tolist() == [4, 5, 6, 7]  # oldest first
-    restored = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, capacity=4, cfg=cfg)
-    restored.load_state_dict(online.state_dict())
-    assert (restored.count, restored.pointer) == (4, 3)
-    for k in offline:
-        assert torch.equal(restored.data[k], online.data[k])
-    balanced = fql_eval.sample_balanced(offline, online, 256)
-    assert torch.equal(balanced["rewards"], torch.cat([torch.zeros(128), torch.ones(128)])[None])
+        assert torch.equal(restored.data[k], buffer.data[k]), k
+    online_only = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, 2, capacity=4, cfg=cfg)
+    online_only.load_state_dicts([buffer.state_dict(agent) for agent in (0, 1)])
+    balanced = fql_eval.sample_balanced(offline, online_only, 256, [None, None])  # half offline, half online
+    assert torch.equal(balanced["rewards"][1, :128], torch.zeros(128)) and (balanced["rewards"][1, 128:] > 0).all()
 
 
-class TerminatingEnv:
+class TerminatingEnv(gymnasium.Env):
     """Observation = step count; reward 1 per step; terminated at step 2 with success, truncated at step 3
     otherwise (the action's sign decides). Records the seeds of its resets."""
+    observation_space = gymnasium.spaces.Box(0, 100, (2,))
     action_space = gymnasium.spaces.Box(-1, 1, (1,))
 
     def __init__(self):
         self.seeds = []
 
-    def reset(self, seed=None):
+    def reset(self, seed=None, options=None):
         self.seeds.append(seed)
         self.t = 0
         return np.zeros(2, np.float32), {}
@@ -1466,32 +1473,33 @@ class TerminatingEnv:
                 {"success": float(terminated)})
 
 
-def test_online_collector_masks_terminations_and_restarts_episodes():
-    buffer = fql_eval.ReplayBuffer(dict(observations=torch.zeros(0, 2), next_observations=torch.zeros(0, 2),
-                                        actions=torch.zeros(0, 1), rewards=torch.zeros(0), masks=torch.zeros(0),
-                                        terminals=torch.zeros(0)), 10, make_config())
-    collector = fql_eval.OnlineCollector(TerminatingEnv(), seed=100, reward_shift=-1.0)
-    for _ in range(2):  # a terminated episode of 2 steps
-        collector.step(lambda obs, generators: np.ones((1, 1)), buffer)
-    assert collector.last_episode == {"exploration/success": 1.0, "exploration/return": 2.0,
-                                      "exploration/length": 2}
-    for _ in range(3):  # a truncated episode of 3 steps: the time limit is no termination
-        collector.step(lambda obs, generators: -np.ones((1, 1)), buffer)
-    assert collector.last_episode["exploration/length"] == 3 and collector.last_episode["exploration/success"] == 0
-    rows = {k: v[:buffer.count] for k, v in buffer.data.items()}
-    np.testing.assert_array_equal(rows["masks"], [1, 0, 1, 1, 1])
-    np.testing.assert_array_equal(rows["terminals"], [0, 1, 0, 0, 1])  # the episodes' ends, truncation included
-    assert collector.env.seeds == [100, 102]  # each episode from seed + the online transitions before it
-    np.testing.assert_array_equal(rows["rewards"], [0, 0, 0, 0, 0])  # shifted by -1, as D4RL antmaze online
-    np.testing.assert_array_equal(rows["observations"][:, 0], [0, 1, 0, 1, 2])  # a fresh start after each end
-    np.testing.assert_array_equal(rows["next_observations"][:, 0], [1, 2, 1, 2, 3])
+def test_fine_tuning_masks_terminations_restarts_episodes_and_keeps_each_agents_episodes():
+    """Two agents, each its own environment: a terminated episode (mask 0) and a truncated one (mask 1; the time
+    limit is no termination), each episode from reset(seed=the agent's seed + the online transitions so far), the
+    D4RL antmaze reward shift, each agent's own rows and exploration columns."""
+    envs = [TerminatingEnv(), TerminatingEnv()]
+    online = in_process_finetuning(envs, seeds=[100, 200], obs_dim=2, env="d4rl-antmaze-umaze")
+    signs = [1, -1]  # agent 0's episodes end terminated after 2 steps, agent 1's truncated after 3
+    for _ in range(6):
+        online.collect(lambda obs, generators: np.array(signs, dtype=np.float32).reshape(2, 1, 1))
+    assert online.log()[0] == {"exploration/success": 1.0, "exploration/return": 2.0, "exploration/length": 2,
+                               "exploration/buffer_size": 6}
+    assert online.log()[1]["exploration/length"] == 3 and online.log()[1]["exploration/success"] == 0
+    assert envs[0].seeds == [100, 102, 104] and envs[1].seeds == [200, 203]
+    rows = [{k: v[online.buffer.online_rows(agent)] for k, v in online.buffer.data.items()} for agent in (0, 1)]
+    np.testing.assert_array_equal(rows[0]["masks"][:, 0], [1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(rows[1]["masks"][:, 0], [1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(rows[1]["terminals"], [0, 0, 1, 0, 0, 1])  # the episodes' ends, truncation too
+    np.testing.assert_array_equal(rows[0]["rewards"][:, 0], [0] * 6)  # shifted by -1, as D4RL antmaze online
+    np.testing.assert_array_equal(rows[1]["observations"][:, 0], [0, 1, 2, 0, 1, 2])  # a fresh start after each end
+    np.testing.assert_array_equal(rows[1]["next_observations"][:, 0], [1, 2, 3, 1, 2, 3])
 
 
 @slow
 def test_finetuning_grows_buffer_logs_checkpoints_and_resumes(cube_data, tmp_path, monkeypatch):
     flags = ("--offline_steps", "50", "--online_steps", "260", "--log_interval", "50", "--save_interval", "50",
              "--batch_size", "32")
-    killed_after(monkeypatch, 230, fql_eval.OnlineCollector, "step")  # at online step 230
+    killed_after(monkeypatch, 230, fql_eval.Finetuning, "collect")  # at online step 230
     with pytest.raises(SystemExit, match="the same command with --resume continues"):
         run_cli(cube_data, tmp_path, *flags)
     monkeypatch.undo()
@@ -1523,7 +1531,7 @@ def test_finetuning_with_chunks_resumes_bit_identically_mid_chunk(cube_data, tmp
     flags = ("--horizon", "5", "--offline_steps", "10", "--online_steps", "30", "--log_interval", "5",
              "--save_interval", "7", "--batch_size", "16")
     straight = run_cli(cube_data, tmp_path / "straight", *flags)
-    killed_after(monkeypatch, 19, fql_eval.OnlineCollector, "step")  # online step 19: chunk 4, its 4th action
+    killed_after(monkeypatch, 19, fql_eval.Finetuning, "collect")  # online step 19: chunk 4, its 4th action
     with pytest.raises(SystemExit, match="the same command with --resume continues"):
         run_cli(cube_data, tmp_path / "killed", *flags)
     monkeypatch.undo()
@@ -1546,7 +1554,7 @@ def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, m
     run_cli(cube_data, tmp_path / "offline", "--offline_steps", "40", "--batch_size", "32")
     argv = ["finetune", "--checkpoint", str(tmp_path / "offline"), "--online_steps", "30", "--eval_interval", "0",
             "--log_interval", "10", "--save_interval", "10", "--device", "cpu", "--balanced_sampling"]
-    killed_after(monkeypatch, 25, fql_eval.OnlineCollector, "step")  # at online step 25
+    killed_after(monkeypatch, 25, fql_eval.Finetuning, "collect")  # at online step 25
     with pytest.raises(SystemExit, match="eval.py: interrupted; the same command with --resume"):
         fql_eval.main(argv)
     monkeypatch.undo()
@@ -2066,7 +2074,7 @@ def test_env_names_and_per_env_defaults():
     assert (cfg.env, cfg.alpha, cfg.offline_steps) == ("visual-cube-single-play-singletask-task1-v0", 300, 500_000)
     cfg = parse("--env", "visual-scene-play-singletask-task2-v0")
     assert (cfg.alpha, cfg.encoder, cfg.frame_stack, cfg.p_aug) == (100, "impala_small", 3, 0.5)
-    with pytest.raises(fql.UsageError, match="pixel observations"):
+    with pytest.raises(fql.UsageError, match="--frame_stack must be positive, got 0"):
         parse("--env", "visual-cube-double-play-singletask-task1-v0", "--frame_stack", "0")
     assert parse("--env", "pointmaze-medium-navigate-singletask-v0").alpha == 10  # official default
     for alias in fql.ENVS:  # every alias names an environment OGBench registers (its name without the dataset type)
@@ -2107,11 +2115,11 @@ def test_flags_in_underscore_and_hyphen_spellings():
     (("--env", "ogbench-visual-cube-single", "--p_aug", "2"), "--p_aug must be in [0, 1], got 2.0"),
     (("--frame_stack", "3"), "--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs"),
     (("--encoder", "impala_small"), "--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs"),
+    (("--p_aug", "0.5"), "--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs"),
     (("--device", "tpu"), "--device tpu: give auto, cpu, or cuda[:N] for one of this machine's"),
     (("--device", "cuda:7"), "--device cuda:7: give auto, cpu, or cuda[:N] for one of this machine's"),
     (("--seeds", "1", "1"), "--seeds has a value twice: 1 1"),
     (("--seed", "2", "--seeds", "0", "1"), "give --seed or --seeds, not both"),
-    (("--seeds", "0", "1", "--online_steps", "5"), "--online_steps and --wandb_project take one agent"),
     (("--seeds", "-1"), "--seeds must be in [0, 2**32), numpy's seeds, got -1"),
     (("--seeds", "0", "4294967296"), "--seeds must be in [0, 2**32), numpy's seeds, got 4294967296"),
     (("--tasks", "1", "9"), "--tasks must be among OGBench's tasks, 1 to 5, got 9"),
