@@ -424,8 +424,10 @@ class ReplayBuffer:
         return self.first_rows[agent] + (self.oldest + kept) % self.capacity
 
     def state_dict(self, agent):
+        """Agent `agent`'s online rows: one reward and mask column (every task's holds its own)."""
         rows = self.online_rows(agent)
-        return dict(added=self.added, rows={k: v[rows].cpu() for k, v in self.data.items()})
+        rows = {k: v[rows][:, :1] if k in ("rewards", "masks") else v[rows] for k, v in self.data.items()}
+        return dict(added=self.added, rows={k: v.cpu() for k, v in rows.items()})
 
     def load_state_dicts(self, states):
         """Each agent's online rows from its state_dict."""
@@ -433,7 +435,8 @@ class ReplayBuffer:
         for agent, state in enumerate(states):
             rows = self.online_rows(agent)
             for k, v in state["rows"].items():  # (an earlier release kept rewards as a vector)
-                self.data[k][rows] = v.to(self.cfg.device).view(self.data[k][rows].shape)
+                v = v.to(self.cfg.device)
+                self.data[k][rows] = v.reshape(len(rows), -1) if self.data[k].dim() > 1 else v
 
 
 def sample_balanced(offline, buffer, batch_size, generators=(None,), tasks=(0,)):
@@ -499,8 +502,8 @@ class Finetuning:
         self.steps += 1
         for k in np.flatnonzero(terminated | truncated):
             self.last_episode[k] = {"exploration/success": float(infos["success"][k]),
-                                    "exploration/return": self.returns[k],
-                                    "exploration/length": self.steps[k]}
+                                    "exploration/return": float(self.returns[k]),
+                                    "exploration/length": int(self.steps[k])}
             self.steps[k] = 0
 
     def log(self):
@@ -918,7 +921,7 @@ def run_finetune(args):
         raise UsageError("these checkpoints are not a grid (every combination of their tasks, "
                          "alphas and seeds, each once): fine-tune them apart")
     state, run, grid, step = saved[envs[0], alphas[0], seeds[0]]
-    tasks = [int(env[-4]) for env in envs] if len(envs) > 1 else None  # ...-task<N>-v0
+    tasks = tuple(int(env[-4]) for env in envs) if len(envs) > 1 else None  # ...-task<N>-v0
     changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
     changes.update(offline_steps=step, resume=True, run_dir=args.run_dir or grid.run_dir + "-finetune",
                    env=grid.env if tasks else run.env, tasks=tasks, seeds=tuple(seeds),

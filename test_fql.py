@@ -1576,6 +1576,124 @@ def test_finetune_command_resumes_and_samples_half_online(cube_data, tmp_path, m
         assert from_online == [False] * 16 + [True] * 16
 
 
+FINETUNE = ("--offline_steps", "20", "--online_steps", "300", "--log_interval", "20", "--save_interval", "37",
+            "--batch_size", "16", "--no-compile", *SMALL)  # cube-single's episodes: 200 steps, so one ends
+
+
+def checkpoints_equal(got_dir, want_dir, rtol=0.0, atol=0.0):
+    """The networks and online rows in two run folders' checkpoints, equal to the tolerances, at the same step."""
+    got, want = (fql.read_checkpoint(str(folder / "checkpoint.pt")) for folder in (got_dir, want_dir))
+    assert got["step"] == want["step"]
+    for name, p in want["nets"].items():
+        torch.testing.assert_close(got["nets"][name], p, rtol=rtol, atol=atol, msg=name)
+    for key, rows in want["buffer"]["rows"].items():
+        torch.testing.assert_close(got["buffer"]["rows"][key], rows, rtol=rtol, atol=atol, msg=key)
+
+
+@slow
+def test_a_fine_tuned_grid_killed_anywhere_resumes_bit_identically(cube_data, tmp_path):
+    """`python fql.py --seeds 0 1 --horizon 5 --online_steps 300` (its evaluation at the end), killed with SIGKILL in
+    the middle of its online phase (mid-episode and mid-chunk: checkpoints every 37 steps) and run again with
+    --resume, ends bit-identical to the same grid never killed: parameters, online rows, train.csv."""
+    command = ["fql.py", "--seeds", "0", "1", "--dataset_dir", cube_data, *FINETUNE, "--horizon", "5",
+               "--eval_interval", "320", "--eval_episodes", "1", "--resume"]
+    straight = script(*command, "--run_dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0 and console(straight) == [], straight.stderr[-3000:]
+    assert read_csv(tmp_path / "straight" / "seed1" / "train.csv")[-1]["exploration/length"] == "200"
+    process = subprocess.Popen([sys.executable, *command, "--run_dir", str(tmp_path / "killed")], cwd=HERE,
+                               env={**os.environ, **OFFLINE}, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "seed1" / "checkpoint.pt"
+    while process.poll() is None and not (checkpoint.exists() and fql.read_checkpoint(str(checkpoint))["step"] > 150):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the run and its environment workers, at once
+    process.wait()
+    state = fql.read_checkpoint(str(checkpoint))
+    assert 150 < state["step"] < 320 and state["buffer"]["collector"]["steps"] > 0  # killed mid-episode
+    resumed = script(*command, "--run_dir", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for seed in (0, 1):
+        checkpoints_equal(tmp_path / "killed" / f"seed{seed}", tmp_path / "straight" / f"seed{seed}")
+        assert untimed_rows(tmp_path / "killed" / f"seed{seed}" / "train.csv") == untimed_rows(
+            tmp_path / "straight" / f"seed{seed}" / "train.csv")
+
+
+@slow
+def test_an_agent_fine_tunes_in_a_grid_as_alone_and_exactly_as_in_any_other_grid(cube_data, tmp_path):
+    """The agent (task 3, seed 1) last in a grid of tasks 1 3 x seeds 0 1 and in one of tasks 2 3 x seeds 5 1, at
+    --horizon 5 past an episode's end: its own task's environment, episodes, chunks, online rows and batches,
+    whatever the other agents are, bit for bit. Against the agent alone, the mechanics are the same but a grid's
+    batched matrix products may round otherwise, and a contact in the simulation can grow that into another
+    trajectory within a few hundred steps: over 30 online steps, --seeds 0 1 equal each seed alone to float32
+    rounding, at --horizon 5 and at --horizon 1 with balanced sampling."""
+    flags = ("--eval_interval", "0", *FINETUNE, "--horizon", "5")
+    run_cli(cube_data, tmp_path / "a", *flags, "--tasks", "1", "3", "--seeds", "0", "1")
+    run_cli(cube_data, tmp_path / "b", *flags, "--tasks", "2", "3", "--seeds", "5", "1")
+    checkpoints_equal(tmp_path / "a" / "task3__seed1", tmp_path / "b" / "task3__seed1")
+    assert untimed_rows(tmp_path / "a" / "task3__seed1" / "train.csv") == untimed_rows(tmp_path / "b" /
+                                                                                       "task3__seed1" / "train.csv")
+    assert read_csv(tmp_path / "a" / "task3__seed1" / "train.csv")[-1]["exploration/length"] == "200"
+    for horizon, balanced in (("5", ()), ("1", ("--balanced_sampling",))):
+        flags = ("--eval_interval", "0", *FINETUNE, "--online_steps", "30", "--horizon", horizon, *balanced)
+        grid = run_cli(cube_data, tmp_path / f"grid{horizon}", *flags, "--seeds", "0", "1")
+        for seed in (0, 1):
+            alone = run_cli(cube_data, tmp_path / f"alone{horizon}" / str(seed), *flags, "--seed", str(seed))
+            for name, p in alone.params.items():
+                torch.testing.assert_close(grid.params[name][seed], p[0], rtol=1e-4, atol=1e-5, msg=name)
+            checkpoints_equal(tmp_path / f"grid{horizon}" / f"seed{seed}", tmp_path / f"alone{horizon}" / str(seed),
+                              rtol=1e-4, atol=1e-5)
+
+
+@slow
+def test_finetune_command_fine_tunes_a_grids_checkpoints_as_one_grid(cube_data, tmp_path):
+    """`eval.py finetune --checkpoint <a grid's folders>`: one fine-tuning grid, each agent into <its folder>-finetune
+    equal to that checkpoint fine-tuned alone; checkpoints that are no grid, or differ in more than task, alpha and
+    seed, are refused in one line with nothing written."""
+    run_cli(cube_data, tmp_path / "grid", "--offline_steps", "20", "--batch_size", "16", "--tasks", "1", "3",
+            "--seeds", "0", "1")
+    folders = sorted(str(path) for path in (tmp_path / "grid").iterdir())
+    steps = ["--online_steps", "30", "--eval_interval", "0", "--log_interval", "10", "--save_interval", "10"]
+    result = script("eval.py", "finetune", "--checkpoint", *folders, *steps)
+    assert result.returncode == 0 and console(result) == [], result.stderr[-3000:]
+    assert sorted(str(path) for path in (tmp_path / "grid").iterdir()) == sorted(folders + [f"{tmp_path / 'grid'}/"
+        f"task{t}__seed{s}-finetune" for t in (1, 3) for s in (0, 1)])
+    alone = fql_eval.main(["finetune", "--checkpoint", folders[-1], *steps, "--run_dir", str(tmp_path / "alone")])
+    assert alone.cfg.env == "cube-single-play-singletask-task3-v0" and alone.cfg.seed == 1
+    checkpoints_equal(tmp_path / "grid" / "task3__seed1-finetune", tmp_path / "alone", rtol=1e-4, atol=1e-5)
+
+    run_cli(cube_data, tmp_path / "other", "--offline_steps", "20", "--batch_size", "16", "--seed", "5",
+            "--actor_hidden_dims", "16")
+    written = files_in(tmp_path)
+    one_line_error(script("eval.py", "finetune", "--checkpoint", *folders[:3], *steps), "are not a grid")
+    one_line_error(script("eval.py", "finetune", "--checkpoint", folders[0], str(tmp_path / "other"), *steps),
+                   "differ in more than task, alpha and seed")
+    assert files_in(tmp_path) == written
+
+
+def test_wandb_logs_each_agent_as_a_run_of_the_grids_group(cube_data, tmp_path, monkeypatch):
+    runs = []
+
+    class FakeRun:
+        def __init__(self, **settings):
+            self.settings, self.rows = settings, []
+            runs.append(self)
+
+        def log(self, row, step):
+            self.rows.append((step, row))
+
+    monkeypatch.setitem(sys.modules, "wandb", type(sys)("wandb"))
+    sys.modules["wandb"].init = FakeRun
+    run_cli(cube_data, tmp_path, "--offline_steps", "20", "--log_interval", "10", "--batch_size", "16",
+            "--wandb_project", "fql", "--seeds", "0", "1")
+    assert [run.settings["name"] for run in runs] == [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
+    assert {run.settings["group"] for run in runs} == {str(tmp_path / "seed{seed}")}
+    assert [run.settings["config"]["seed"] for run in runs] == [0, 1]
+    for run, seed in zip(runs, (0, 1)):  # each agent's own train.csv rows
+        logged = [(step, row["critic/critic_loss"]) for step, row in run.rows]
+        assert logged == [(int(r["step"]), float(r["critic/critic_loss"])) for r in read_csv(tmp_path / f"seed{seed}"
+                                                                                                / "train.csv")]
+
+
 def write_fake_run(directory, seed, alpha, success, task=2):
     """A run folder of cube-single's `task` whose evaluations climb to `success` at step 400."""
     os.makedirs(directory)
