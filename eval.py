@@ -547,18 +547,25 @@ class Finetuning:
                 self.generators[k].set_state(collector["noise"])
 
 
-def train(cfg):
-    """fql.train with evaluation in the environment and, with --online_steps, fine-tuning; the
-    worker processes of their vector envs end with it, whatever ends it."""
-    cfg = fql.resolve_config(cfg)
+@contextlib.contextmanager
+def worker_pool(frame_stack=None):
+    """`workers(env_names, **kwargs)`: a vector env (make_vector_env) whose worker processes end
+    with the `with` block, whatever ends it (after an error they are killed)."""
     with contextlib.ExitStack() as stack:
         def workers(env_names, **kwargs):
-            vector_env = make_vector_env(env_names, cfg.frame_stack, **kwargs)
+            vector_env = make_vector_env(env_names, frame_stack, **kwargs)
             stack.push(lambda error_type, *_: close_vector_env(vector_env, error_type is not None))
             return vector_env
 
-        return fql.train(cfg, Evaluator(cfg, workers), functools.partial(Finetuning,
-                                                                         workers=workers))
+        yield workers
+
+
+def train(cfg):
+    """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
+    cfg = fql.resolve_config(cfg)
+    with worker_pool(cfg.frame_stack) as workers:
+        finetuning = functools.partial(Finetuning, workers=workers)
+        return fql.train(cfg, Evaluator(cfg, workers), finetuning)
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------------
@@ -736,11 +743,12 @@ def read_curve(path, metric):
 
 
 # ---- Benchmark: the training step in each execution mode, on random data -------------------------
-def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
-    """--benchmark: the median steps/s of `repeats` timings (`seconds` each) of the training step
-    in each mode, one agent and the grid, on random data of the env's shapes (`shapes`:
-    (observation shape, action size), default the env's). Returns {(mode, agents): (steps/s,
-    steps per timing, Adam steps)}."""
+def benchmark(cfg, shapes=None, seconds=3.0):
+    """--benchmark: updates/s of the training step in each mode (--no_compile: eager only), for
+    one agent and for the grid, on random data of the env's shapes (or `shapes`: (observation
+    shape, action size)); then, for the env's own state shapes, env steps/s of the online loop:
+    every agent's environment one step (worker processes) and one batched policy call. Returns
+    {(mode, agents): steps/s}."""
     cfg = fql.resolve_config(cfg)
     observation_shape, action_dim = shapes or env_shapes(cfg.env)
     rng = np.random.default_rng(cfg.seed)
@@ -767,39 +775,53 @@ def benchmark(cfg, shapes=None, repeats=3, seconds=2.0):
           f"{cfg.horizon}, batch "
           f"{cfg.batch_size}, critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, "
           f"encoder {cfg.encoder}; {device_name}, torch {torch.__version__}")
-    modes = {"eager": dict(compile=False, cuda_graph=False),
-             "compile": dict(compile=True, cuda_graph=False)}
-    if on_cuda:
+    modes = {"eager": dict(compile=False, cuda_graph=False)}
+    if cfg.compile:
+        modes["compile"] = dict(compile=True, cuda_graph=False)
+    if cfg.compile and on_cuda:
         modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
-
-    def timed(step, steps):  # seconds for `steps` training steps, the device waited for
-        start = time.perf_counter()
-        for i in range(steps):
-            metrics = step(i == steps - 1)
-        metrics["critic/critic_loss"].cpu()
-        return time.perf_counter() - start
-
+    if not (pixels or shapes):  # (no fine-tuning on pixels)
+        modes["online loop"] = {}
     one = dataclasses.replace(cfg, seeds=cfg.seeds[:1], tasks=cfg.tasks and cfg.tasks[:1],
                               alphas=cfg.alphas and cfg.alphas[:1])
     results = {}
-    for name, flags in modes.items():
-        for grid in [one] + [cfg] * (cfg != one):  # one agent, then the grid
-            agents = len(fql.agent_grid(grid))
-            agent = fql.make_agent(dataclasses.replace(grid, **flags), observation_shape,
-                                   action_dim)
-            sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug, cfg=cfg)
-            step = fql.make_train_step(agent, sample)
-            warmup = timed(step, 4)  # compilation and graph recording happen here
-            updates = max(10, round(seconds * 6 / timed(step, 6)))
-            rate = float(np.median([updates / timed(step, updates) for _ in range(repeats)]))
-            adam_steps = int(next(iter(agent.optimizer.state.values()))["step"])
-            results[name, agents] = rate, updates, adam_steps
-            speed = "updates/s"
-            if agents > 1:
-                speed = (f"steps/s of {agents} agents = {rate * agents:.1f} agent-updates/s, "
-                         f"{rate * agents / results[name, 1][0]:.2f}x one agent")
-            print(f"{name:<22} {rate:9.1f} {speed}   (warm-up {warmup:5.1f} s)", flush=True)
+    with worker_pool(cfg.frame_stack) as workers:
+        for name, flags in modes.items():
+            for grid in [one] + [cfg] * (cfg != one):  # one agent, then the grid
+                agents = len(fql.agent_grid(grid))
+                agent = fql.make_agent(dataclasses.replace(grid, **flags), observation_shape,
+                                       action_dim)
+                if flags:
+                    step = fql.make_train_step(agent, functools.partial(
+                        fql.sample_batch, data, p_aug=cfg.p_aug, cfg=cfg))
+                    rate = steps_per_second(lambda: step(False), seconds,
+                                            lambda: step(True)["critic/critic_loss"].cpu())
+                else:
+                    runs = fql.agent_runs(dataclasses.replace(grid, run_dir=os.devnull))
+                    online = Finetuning(grid, runs, data, workers)
+                    rate = steps_per_second(lambda: online.collect(agent.act), seconds)
+                results[name, agents] = rate
+                unit = "env steps/s" if name == "online loop" else "updates/s"
+                if agents > 1:
+                    unit = (f"{unit} of {agents} agents = {rate * agents:.1f} agent-{unit}, "
+                            f"{rate * agents / results[name, 1]:.2f}x one agent")
+                print(f"{name:<22} {rate:9.1f} {unit}", flush=True)
     return results
+
+
+def steps_per_second(step, seconds, wait=lambda: None):
+    """Calls of step() per second over `seconds` (the device waited for by wait()), after four:
+    compilation, graph recording and the environments' first resets happen there."""
+    for _ in range(4):
+        step()
+    wait()
+    start = time.perf_counter()
+    steps = 0
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    wait()
+    return steps / (time.perf_counter() - start)
 
 
 # ---- Command line --------------------------------------------------------------------------------

@@ -1228,19 +1228,30 @@ def test_a_killed_grid_resumes_exactly_and_an_agents_folder_resumes_alone(cube_d
 @slow
 def test_benchmark_times_each_mode_for_one_agent_and_a_grid(capsys, monkeypatch):
     # the shapes and config of the compiled equivalence tests (3 agents), whose compilations it reuses
-    results = fql_eval.benchmark(make_config(**COMPILED, tasks=(1, 2, 3)), ((7,), 3), seconds=0.05)
+    results = fql_eval.benchmark(make_config(**COMPILED, compile=True, tasks=(1, 2, 3)), ((7,), 3), seconds=0.05)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("FQL training step, observation (7,), action 3, horizon 1, batch 256")
     assert list(results) == [("eager", 1), ("eager", 3), ("compile", 1), ("compile", 3)]
-    for rate, updates, adam_steps in results.values():  # warm-up, calibration and 3 timed rounds all ran
-        assert adam_steps == 4 + 6 + 3 * updates and updates >= 10 and rate > 0
+    assert all(rate > 0 for rate in results.values())
     assert [line.split()[0] for line in lines[1:]] == ["eager", "eager", "compile", "compile"]
-    assert "steps/s of 3 agents" in lines[2] and "agent-updates/s" in lines[2] and "x one agent" in lines[2]
+    assert "updates/s of 3 agents" in lines[2] and "agent-updates/s" in lines[2] and "x one agent" in lines[2]
     called = []
     monkeypatch.setattr(fql_eval, "benchmark", lambda cfg: called.append((len(fql.agent_grid(cfg)),
                                                                           fql_eval.env_shapes(cfg.env))))
     fql.main(["--benchmark", "--tasks", "1", "2", "3", "4", "5", "--seeds", "0", "1", "--device", "cpu"])
     assert called == [(10, ((28,), 5))]  # eval.py's benchmark, for the env's shapes
+
+
+@slow
+def test_benchmark_times_the_online_loop_of_one_agent_and_a_grid(capsys):
+    """For the env's own shapes, --benchmark also steps every agent's real environment, one batched policy call a
+    step (--no_compile: the eager update and policy only)."""
+    results = fql_eval.benchmark(make_config(tasks=(1, 3), seeds=(0, 1)), seconds=0.5)
+    assert list(results) == [("eager", 1), ("eager", 4), ("online loop", 1), ("online loop", 4)]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[3].startswith("online loop") and "env steps/s" in lines[3]
+    assert "env steps/s of 4 agents" in lines[4] and "agent-env steps/s" in lines[4] and "x one agent" in lines[4]
+    assert all(rate > 0 for rate in results.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
