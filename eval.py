@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from tqdm import tqdm
 import fql
 from fql import UsageError
 
-fql.quiet_simulators()  # before MuJoCo loads
+fql.headless_mujoco()  # before MuJoCo loads
 import gymnasium  # noqa: E402
 import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
 from ogbench.locomaze.maze import make_maze_env  # noqa: E402
@@ -61,14 +60,14 @@ def make_env(env_name, frame_stack=None, **kwargs):
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
 
 
-def make_vector_env(env_names, frame_stack=None, **kwargs):
+def make_vector_env(env_names, frame_stack=None):
     """An environment of each name (the tasks of one dataset, say), stepping in parallel worker
-    processes. forkserver, not fork: the parent may hold CUDA and OpenMP threads, which fork would
-    copy in a broken state. The workers fork from one server process that imports torch, MuJoCo
-    and OGBench once, instead of each (seconds apiece)."""
+    processes, reset only when asked to (Rollouts). forkserver, not fork: the parent may hold CUDA
+    and OpenMP threads, which fork would copy in a broken state. The workers fork from one server
+    process that imports torch, MuJoCo and OGBench once, instead of each (seconds apiece)."""
     multiprocessing.set_forkserver_preload(["eval"])
     makes = [functools.partial(make_worker_env, name, frame_stack) for name in env_names]
-    return gymnasium.vector.AsyncVectorEnv(makes, context="forkserver", **kwargs)
+    return gymnasium.vector.AsyncVectorEnv(makes, context="forkserver", autoreset_mode="Disabled")
 
 
 def make_worker_env(env_name, frame_stack):
@@ -77,7 +76,21 @@ def make_worker_env(env_name, frame_stack):
     (gymnasium also makes one in the main process, to read the spaces.)"""
     if multiprocessing.parent_process():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return make_env(env_name, frame_stack)
+    return Replay(make_env(env_name, frame_stack))
+
+
+class Replay(gymnasium.Wrapper):
+    """An environment that replays an episode where it runs: vector_env.set_attr("episode", [(reset
+    seed, actions), ...]), then vector_env.call("replay") -> each one's (observation, return)."""
+
+    def replay(self):
+        seed, actions = self.episode
+        observation, _ = self.env.reset(seed=seed)
+        episode_return = 0.0
+        for action in actions:
+            observation, reward, *_ = self.env.step(action)
+            episode_return += reward
+        return observation, episode_return
 
 
 def close_vector_env(vector_env, error):
@@ -195,30 +208,24 @@ def make_adroit_env(task, **kwargs):
     gymnasium.register_envs(gymnasium_robotics)
     steps = 100 if task == "pen" else 200
     env = gymnasium.make(f"AdroitHand{task.capitalize()}-v1", max_episode_steps=steps, **kwargs)
-    # gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of the hand-to-object term of the door,
-    # hammer and relocate rewards (Gymnasium-Robotics PR 220); for those, D4RL's is recomputed
-    flipped = (1, 2, 1) <= release(version("gymnasium-robotics")) <= (1, 4, 2)
-    return D4RLAdroit(env, task, recompute_reward=task != "pen" and flipped)
-
-
-def release(version_string):
-    """(major, minor, patch) of a version such as 1.4.2, 1.5.0rc1 or 1.3.0.post1."""
-    numbers = re.match(r"[\d.]*", version_string)[0].split(".")
-    return tuple(int(part) for part in numbers if part)[:3]
+    return D4RLAdroit(env, task)
 
 
 class D4RLAdroit(gymnasium.Wrapper):
-    def __init__(self, env, task, recompute_reward):
+    """The door, hammer and relocate rewards are D4RL's, recomputed from the simulator's state:
+    gymnasium-robotics 1.2.1 to 1.4.2 flipped the sign of their hand-to-object term
+    (Gymnasium-Robotics PR 220), and the recomputed reward is D4RL's on any release."""
+
+    def __init__(self, env, task):
         super().__init__(env)
         self.task = task
-        self.recompute_reward = recompute_reward
 
     def step(self, action):
         observation, reward, terminated, truncated, info = self.env.step(action)
         hand = self.env.unwrapped
         if self.task == "pen":
             terminated = bool(hand.data.xpos[hand.obj_body_id][2] < 0.075)
-        if self.recompute_reward:
+        else:
             reward = d4rl_adroit_reward(self.task, hand)
         return observation, reward, terminated, truncated, info
 
@@ -270,70 +277,79 @@ def with_score(env_name, result):
 
 
 # ---- Rollouts ------------------------------------------------------------------------------------
+class Rollouts:
+    """The environments of a vector env stepping on, each its own episodes: an episode starts from
+    reset(seed=the seed given for it), its actions come from a queue of chunks of --horizon actions
+    run open-loop (as QC's evaluation and main.py; emptied at the episode's end), which one batched
+    policy call refills for the environments whose queue is empty, and the policy's noise in it
+    comes from a generator seeded as its reset: an episode depends on its seed alone. The
+    environments form one equal block per agent (the policy's leading dimension)."""
+
+    def __init__(self, vector_env, agents):
+        self.vector_env = vector_env
+        self.agents = agents
+        count = vector_env.num_envs
+        self.ended = np.ones(count, dtype=bool)  # the next step starts a new episode
+        self.steps = np.zeros(count, dtype=int)  # into the episode, and its return so far
+        self.returns = np.zeros(count)
+        self.queues = [[] for _ in range(count)]
+        self.generators = [None] * count
+
+    def step(self, policy, seeds):
+        """One step of every environment, those whose episode ended reset first, from `seeds` (one
+        for each environment); returns (observations, actions, step's results, next observations)."""
+        if self.ended.any():
+            seeds = [int(seed) for seed in seeds]
+            self.observations, _ = self.vector_env.reset(seed=seeds,
+                                                         options={"reset_mask": self.ended})
+            for k in np.flatnonzero(self.ended):
+                self.generators[k] = torch.Generator().manual_seed(seeds[k])
+                self.queues[k] = []
+            self.steps[self.ended] = 0
+            self.returns[self.ended] = 0.0
+        calling = [not queue for queue in self.queues]
+        if any(calling):  # the environments that have actions queued draw no noise
+            generators = [g if c else torch.Generator() for g, c in zip(self.generators, calling)]
+            blocks = self.observations.reshape(self.agents, -1, *self.observations.shape[1:])
+            chunks = policy(blocks, generators).reshape(len(calling), -1,
+                                                        self.vector_env.single_action_space.shape[0])
+            for k in np.flatnonzero(calling):
+                self.queues[k] = list(np.clip(chunks[k], -1, 1))
+        observations = self.observations
+        actions = np.stack([queue.pop(0) for queue in self.queues])
+        self.observations, *results = self.vector_env.step(actions)
+        self.ended = results[1] | results[2]  # terminated or truncated
+        self.steps += 1
+        self.returns += results[0]
+        return observations, actions, *results, self.observations
+
+
 def evaluate(policy, vector_env, episodes, seeds, progress=None):
-    """`episodes` episodes per agent, a result each (success rate, mean return, mean length). The
-    environments are split into one equal block per agent (built with the agent's env); episode i
-    of agent k starts from reset(seed=seeds[k] + i), and the policy's noise in it comes from a
-    generator seeded alike: an agent's episodes are the same, whatever is evaluated beside it. One
-    batched policy call gives every environment an action, or a chunk of actions (--horizon) that
-    then runs open-loop from a queue, one action a step, as QC's evaluation does. Episodes run in
-    rounds of a block's size, all starting together, so the queue empties as each episode ends;
-    an environment whose episode has ended keeps stepping until the round ends, and its extra
-    steps are ignored."""
-    per_agent = vector_env.num_envs // len(seeds)
-    action_size = vector_env.single_action_space.shape[0]
+    """`episodes` episodes per agent, a result each (success rate, mean return, mean length): the
+    environments form one equal block per agent (built with its env), and environment j of a
+    block runs its agent's episodes j, j + block, ...; episode i of agent k from reset(seed=seeds[k]
+    + i) (Rollouts), so that an agent's episodes are the same whatever is evaluated beside it."""
+    rollouts = Rollouts(vector_env, len(seeds))
+    block = vector_env.num_envs // len(seeds)
+    episode = np.tile(np.arange(block), len(seeds)) - block  # each environment's, before the first
     finished = [[] for _ in seeds]  # (success, return, length) of each episode, per agent
     # torch's CPU threads busy-wait between calls and would take the cores the environment workers
     # need (half the speed on 2 cores); one thread is plenty for one batched policy call a step
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for first in range(0, episodes, per_agent):
-            reset_seeds = [seed + first + i for seed in seeds for i in range(per_agent)]
-            observations, _ = vector_env.reset(seed=reset_seeds)
-            generators = [torch.Generator().manual_seed(seed) for seed in reset_seeds]
-            # the last round may need fewer environments
-            running = np.tile(np.arange(per_agent) < episodes - first, len(seeds))
-            episode_return = np.zeros(vector_env.num_envs)
-            length = np.zeros(vector_env.num_envs, dtype=int)
-            queue = []
-            while running.any():
-                if not queue:  # every environment's next action or chunk of actions
-                    blocks = observations.reshape(len(seeds), per_agent, *observations.shape[1:])
-                    chunks = policy(blocks, generators).reshape(vector_env.num_envs, -1, action_size)
-                    queue = list(np.clip(chunks, -1, 1).swapaxes(0, 1))  # an array a step
-                observations, rewards, terminated, truncated, infos = vector_env.step(queue.pop(0))
-                episode_return += np.where(running, rewards, 0)
-                length += running
-                for i in np.flatnonzero(running & (terminated | truncated)):
-                    success = float(infos["success"][i])
-                    finished[i // per_agent].append((success, episode_return[i], length[i]))
-                    running[i] = False
-                    if progress is not None:
-                        progress.update(1)
+        while min(map(len, finished)) < episodes:
+            episode += block * rollouts.ended
+            *_, infos, _ = rollouts.step(policy, np.repeat(seeds, block) + episode)
+            for k in np.flatnonzero(rollouts.ended & (episode < episodes)):
+                success = float(infos["success"][k])
+                finished[k // block].append((success, rollouts.returns[k], rollouts.steps[k]))
+                if progress is not None:
+                    progress.update(1)
     finally:
         torch.set_num_threads(torch_threads)
     means = [np.mean(agent_episodes, axis=0).tolist() for agent_episodes in finished]
     return [dict(zip(("success", "return", "length"), mean)) for mean in means]
-
-
-class Evaluator:
-    """`evaluate(policy, runs, step)` for fql.train: each agent's episodes in its run's env (its
-    task's), from reset(seed=run.seed + step + i), all in one vector env (about one worker per
-    core, at least one per agent) that `workers` makes at the first evaluation (eval.train)."""
-
-    def __init__(self, cfg, workers):
-        self.cfg = cfg
-        self.workers = workers
-        self.vector_env = None
-
-    def __call__(self, policy, runs, step):
-        if self.vector_env is None:
-            per_agent = max(1, min(self.cfg.eval_episodes, os.cpu_count() // len(runs)))
-            self.vector_env = self.workers([run.env for run in runs for _ in range(per_agent)])
-        seeds = [run.seed + step for run in runs]
-        results = evaluate(policy, self.vector_env, self.cfg.eval_episodes, seeds)
-        return [with_score(run.env, result) for run, result in zip(runs, results)]
 
 
 def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame_stack=None):
@@ -377,37 +393,30 @@ def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame
 # ---- Online fine-tuning: the replay buffer and the env side (fql.train runs the updates) -------
 class ReplayBuffer:
     """Fine-tuning's transitions on the device: the `offline` ones (the dataset; none with
-    balanced sampling) once, then each agent's online ones, `capacity` rows each. Agent k samples
-    its own buffer as QC and the official code sample theirs: the offline rows, then its online
-    rows oldest first, windows of --horizon rows anywhere in it, never another agent's rows. Once
-    an agent has `capacity` online rows its oldest go (the official code drops the oldest rows of
-    its whole buffer, offline ones first: the same until --buffer_size is reached, which 1M
-    offline and 1M online steps never do). `size` lives on the device, so sampling stays inside
-    a recorded CUDA graph while the buffers grow."""
+    balanced sampling) once, then each agent's online ones, room for `capacity` each. Agent k
+    samples its own buffer as QC and the official code sample theirs: the offline rows, then its
+    online rows, windows of --horizon rows anywhere in it, never another agent's rows. (The
+    official buffer of 2M rows never fills with 1M offline and 1M online steps, so it never drops
+    a row either.) `size` lives on the device, so sampling stays inside a recorded CUDA graph
+    while the buffers grow."""
 
     def __init__(self, offline, agents, capacity, cfg):
         self.cfg = cfg
         self.offline = len(offline["actions"])
-        self.capacity = capacity
         self.added = 0  # online transitions of each agent so far
-        # agent k's online row j (its j-th transition modulo capacity) at offline + k capacity + j
+        # agent k's j-th online transition at row offline + k * capacity + j
         self.data = {k: torch.cat([v, v.new_zeros((agents * capacity, *v.shape[1:]))])
                      for k, v in offline.items()}
         self.first_rows = self.offline + capacity * torch.arange(agents, device=cfg.device)
         self.size = torch.tensor(float(self.offline), device=cfg.device)  # of each agent's buffer
-        self.oldest = torch.tensor(0, device=cfg.device)  # the ring's start in the online rows
 
     def add(self, transitions):
         """One transition for each agent: arrays with a leading agent dimension."""
         for k, v in transitions.items():
-            self.data[k][self.first_rows + self.added % self.capacity] = torch.as_tensor(
+            self.data[k][self.first_rows + self.added] = torch.as_tensor(
                 v, dtype=torch.float32, device=self.cfg.device)
-        self.count(self.added + 1)
-
-    def count(self, added):
-        self.added = added
-        self.size.fill_(self.offline + min(added, self.capacity))
-        self.oldest.fill_(max(0, added - self.capacity) % self.capacity)
+        self.added += 1
+        self.size.fill_(self.offline + self.added)
 
     def sample(self, batch_size, generators=(None,), tasks=(0,)):
         """As fql.sample_batch (uniform window starts), each agent in its own buffer."""
@@ -415,13 +424,11 @@ class ReplayBuffer:
                              for g in generators])
         starts = (draws * (self.size - self.cfg.horizon + 1).clamp(min=1)).long()
         rows = starts[..., None] + torch.arange(self.cfg.horizon, device=starts.device)
-        online = self.first_rows[:, None, None] + (rows - self.offline + self.oldest) % self.capacity
+        online = self.first_rows[:, None, None] + rows - self.offline
         return fql.gather(self.data, torch.where(rows < self.offline, rows, online), tasks, self.cfg)
 
     def online_rows(self, agent):
-        """Where agent `agent`'s online transitions are, oldest first."""
-        kept = torch.arange(min(self.added, self.capacity), device=self.cfg.device)
-        return self.first_rows[agent] + (self.oldest + kept) % self.capacity
+        return self.first_rows[agent] + torch.arange(self.added, device=self.cfg.device)
 
     def state_dict(self, agent):
         """Agent `agent`'s online rows: one reward and mask column (every task's holds its own)."""
@@ -431,7 +438,8 @@ class ReplayBuffer:
 
     def load_state_dicts(self, states):
         """Each agent's online rows from its state_dict."""
-        self.count(states[0]["added"])
+        self.added = states[0]["added"]
+        self.size.fill_(self.offline + self.added)
         for agent, state in enumerate(states):
             rows = self.online_rows(agent)
             for k, v in state["rows"].items():  # (an earlier release kept rewards as a vector)
@@ -448,112 +456,83 @@ def sample_balanced(offline, buffer, batch_size, generators=(None,), tasks=(0,))
 
 class Finetuning:
     """The environment side of offline-to-online fine-tuning for fql.train, for every agent of a
-    grid: its own environment (its task's), all in one vector env of worker processes, its own
-    episodes, chunk queue and online rows (ReplayBuffer). Each step, one batched policy call
-    gives the agents whose queue is empty an action or a chunk of actions, run open-loop from the
-    queue (emptied when an episode ends, as QC's main.py does), and every environment takes one
-    step. Every executed action is its own transition (mask = 1 - terminated, terminal = the
-    episode's end). An agent's episode starts from reset(seed=its seed + the online transitions so
-    far), the policy's noise in it from a generator seeded alike, so that a resumed run replays
-    the episodes it was killed in. `workers(env_names, ...)` makes the vector env (eval.train)."""
+    grid: its own environment (its task's) in one vector env of worker processes, its own
+    episodes and chunk queue (Rollouts), its own online rows (ReplayBuffer). Every executed action
+    is its own transition (mask = 1 - terminated, terminal = the episode's end). An agent's episode
+    starts from reset(seed=its seed + the online transitions so far), so that a resumed run can
+    replay the episodes it was killed in. `workers(env_names)` makes the vector env (eval.train)."""
 
     def __init__(self, cfg, runs, train_data, workers):
         self.cfg = cfg
         # the official code shifts D4RL antmaze rewards online as it does offline
         self.reward_shift = -1.0 if cfg.env in fql.D4RL and cfg.env.startswith("antmaze") else 0.0
         self.seeds = np.array([run.seed for run in runs])
-        self.vector_env = workers([run.env for run in runs], autoreset_mode="Disabled")
-        self.action_size = self.vector_env.single_action_space.shape[0]
+        self.rollouts = Rollouts(workers([run.env for run in runs]), len(runs))
         offline = {k: v[:0] for k, v in train_data.items()} if cfg.balanced_sampling else train_data
-        capacity = min(cfg.online_steps, cfg.buffer_size - len(offline["actions"]))
-        self.buffer = ReplayBuffer(offline, len(runs), max(capacity, 1), cfg)
+        self.buffer = ReplayBuffer(offline, len(runs), cfg.online_steps, cfg)
         self.sample = self.buffer.sample
         if cfg.balanced_sampling:
             self.sample = functools.partial(sample_balanced, train_data, self.buffer)
-        self.steps = np.zeros(len(runs), dtype=int)  # into each agent's episode (0: between two)
-        self.queues = [[] for _ in runs]
-        self.generators = [None for _ in runs]
-        self.returns = np.zeros(len(runs))
         self.last_episode = [{} for _ in runs]
 
     def collect(self, policy):
-        starting = self.steps == 0
-        if starting.any():
-            seeds = (self.seeds + self.buffer.added).tolist()
-            self.observations, _ = self.vector_env.reset(seed=seeds, options={"reset_mask": starting})
-            for k in np.flatnonzero(starting):
-                self.generators[k] = torch.Generator().manual_seed(seeds[k])
-                self.queues[k] = []
-                self.returns[k] = 0.0
-        calling = [not queue for queue in self.queues]
-        if any(calling):  # the agents that still have queued actions draw no noise
-            generators = [g if c else torch.Generator() for g, c in zip(self.generators, calling)]
-            chunks = policy(self.observations[:, None], generators)[:, 0]
-            for k in np.flatnonzero(calling):
-                self.queues[k] = list(chunks[k].reshape(-1, self.action_size))
-        actions = np.stack([queue.pop(0) for queue in self.queues])
-        observations, rewards, terminated, truncated, infos = self.vector_env.step(actions)
+        observations, actions, rewards, terminated, _, infos, next_observations = self.rollouts.step(
+            policy, self.seeds + self.buffer.added)
         stored = -1.0 * (rewards != 0) if self.cfg.sparse else rewards + self.reward_shift  # as offline
-        self.buffer.add(dict(observations=self.observations, actions=actions,
-                             rewards=stored[:, None], masks=1.0 - terminated[:, None],
-                             terminals=terminated | truncated, next_observations=observations))
-        self.observations = observations
-        self.returns += rewards
-        self.steps += 1
-        for k in np.flatnonzero(terminated | truncated):
+        self.buffer.add(dict(observations=observations, actions=actions, rewards=stored[:, None],
+                             masks=1.0 - terminated[:, None], terminals=self.rollouts.ended,
+                             next_observations=next_observations))
+        for k in np.flatnonzero(self.rollouts.ended):
             self.last_episode[k] = {"exploration/success": float(infos["success"][k]),
-                                    "exploration/return": float(self.returns[k]),
-                                    "exploration/length": int(self.steps[k])}
-            self.steps[k] = 0
+                                    "exploration/return": float(self.rollouts.returns[k]),
+                                    "exploration/length": int(self.rollouts.steps[k])}
 
     def log(self):
-        size = self.buffer.offline + min(self.buffer.added, self.buffer.capacity)
+        size = self.buffer.offline + self.buffer.added
         return [dict(episode, **{"exploration/buffer_size": size}) for episode in self.last_episode]
 
     def state_dict(self, agent):
         """Agent `agent`'s part: its online rows, steps into its episode, the rest of its chunk."""
-        noise = self.generators[agent].get_state() if self.steps[agent] else None
-        collector = dict(steps=int(self.steps[agent]), queue=np.array(self.queues[agent]).tolist(),
-                         last_episode=self.last_episode[agent], noise=noise)
+        steps = 0 if self.rollouts.ended[agent] else int(self.rollouts.steps[agent])
+        collector = dict(steps=steps, queue=np.array(self.rollouts.queues[agent]).tolist(),
+                         last_episode=self.last_episode[agent],
+                         noise=self.rollouts.generators[agent].get_state() if steps else None)
         return dict(self.buffer.state_dict(agent), collector=collector)
 
     def load_state_dicts(self, states):
-        """Where a killed run left off: each agent's episode replayed from its reset with the
-        actions its buffer holds, all in lockstep, an environment reset again where its own
-        episode starts (exact where the reset's seed decides the start, as in OGBench's
-        manipulation environments)."""
+        """Where a killed run left off: each agent's episode replayed by its worker from its reset
+        with the actions its buffer holds (exact where the reset's seed decides the start, as in
+        OGBench's manipulation environments)."""
         self.buffer.load_state_dicts(states)
         collectors = [state.get("collector", {}) for state in states]  # earlier releases': none
-        self.steps = np.array([c.get("steps", 0) for c in collectors])
+        rollouts = self.rollouts
+        rollouts.steps = np.array([c.get("steps", 0) for c in collectors])
+        rollouts.ended = rollouts.steps == 0
         self.last_episode = [c.get("last_episode", {}) for c in collectors]
-        seeds = (self.seeds + self.buffer.added - self.steps).tolist()  # of each one's episode
-        longest = int(self.steps.max())
-        if not longest:
-            return
-        actions = torch.stack([self.buffer.data["actions"][self.buffer.online_rows(k)[-longest:]]
-                               for k in range(len(states))]).cpu().numpy()
-        self.observations, _ = self.vector_env.reset(seed=seeds)
-        for j in range(longest):
-            starting = self.steps == longest - j
-            if j and starting.any():
-                self.observations, _ = self.vector_env.reset(seed=seeds,
-                                                             options={"reset_mask": starting})
-            self.observations, rewards, *_ = self.vector_env.step(actions[:, j])
-            self.returns += np.where(self.steps >= longest - j, rewards, 0.0)
+        seeds = (self.seeds + self.buffer.added - rollouts.steps).tolist()  # of each one's episode
+        episodes = []
+        for k, steps in enumerate(rollouts.steps):  # each one's last `steps` online actions
+            rows = self.buffer.online_rows(k)
+            actions = self.buffer.data["actions"][rows[len(rows) - steps:]]
+            episodes.append((seeds[k], actions.cpu().numpy()))
+        rollouts.vector_env.set_attr("episode", episodes)
+        observations, returns = zip(*rollouts.vector_env.call("replay"))
+        rollouts.observations = np.stack(observations)
+        rollouts.returns = np.array(returns)
         for k, collector in enumerate(collectors):
-            self.queues[k] = list(np.array(collector.get("queue", []), dtype=np.float32))
-            self.generators[k] = torch.Generator().manual_seed(seeds[k])
+            rollouts.queues[k] = list(np.array(collector.get("queue", []), dtype=np.float32))
+            rollouts.generators[k] = torch.Generator().manual_seed(seeds[k])
             if collector.get("noise") is not None:
-                self.generators[k].set_state(collector["noise"])
+                rollouts.generators[k].set_state(collector["noise"])
 
 
 @contextlib.contextmanager
 def worker_pool(frame_stack=None):
-    """`workers(env_names, **kwargs)`: a vector env (make_vector_env) whose worker processes end
-    with the `with` block, whatever ends it (after an error they are killed)."""
+    """`workers(env_names)`: a vector env (make_vector_env) whose worker processes end with the
+    `with` block, whatever ends it (after an error they are killed)."""
     with contextlib.ExitStack() as stack:
-        def workers(env_names, **kwargs):
-            vector_env = make_vector_env(env_names, frame_stack, **kwargs)
+        def workers(env_names):
+            vector_env = make_vector_env(env_names, frame_stack)
             stack.push(lambda error_type, *_: close_vector_env(vector_env, error_type is not None))
             return vector_env
 
@@ -564,8 +543,20 @@ def train(cfg):
     """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
     cfg = fql.resolve_config(cfg)
     with worker_pool(cfg.frame_stack) as workers:
-        finetuning = functools.partial(Finetuning, workers=workers)
-        return fql.train(cfg, Evaluator(cfg, workers), finetuning)
+        vector_envs = []
+
+        def evaluation(policy, runs, step):
+            """fql.train's `evaluate`: each agent's episodes in its run's env (its task's), all in
+            one vector env made at the first evaluation (a worker per core, one per agent at
+            least)."""
+            if not vector_envs:
+                per_agent = max(1, min(cfg.eval_episodes, os.cpu_count() // len(runs)))
+                vector_envs.append(workers([run.env for run in runs for _ in range(per_agent)]))
+            seeds = [run.seed + step for run in runs]
+            results = evaluate(policy, vector_envs[0], cfg.eval_episodes, seeds)
+            return [with_score(run.env, result) for run, result in zip(runs, results)]
+
+        return fql.train(cfg, evaluation, functools.partial(Finetuning, workers=workers))
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------------
@@ -579,15 +570,10 @@ def checkpoint_path(path):
     return path
 
 
-def checkpoint_config(state, **changes):
-    """The config a checkpoint was trained with, with `changes`."""
-    return fql.Config(**{**state["config"], **changes})
-
-
 def load_agent(path, device):
     """The one-seed agent saved in a checkpoint, on `device`, and the checkpoint's contents."""
     state = fql.read_checkpoint(path)
-    cfg = fql.resolve_config(checkpoint_config(state, device=device))
+    cfg = fql.resolve_config(fql.Config(**dict(state["config"], device=device)))
     agent = fql.make_agent(cfg, state["observation_shape"], state["action_dim"])
     agent.load_state_dicts([state])
     return agent, state
@@ -797,8 +783,8 @@ def benchmark(cfg, shapes=None, seconds=3.0):
                     rate = steps_per_second(lambda: step(False), seconds,
                                             lambda: step(True)["critic/critic_loss"].cpu())
                 else:
-                    runs = fql.agent_runs(dataclasses.replace(grid, run_dir=os.devnull))
-                    online = Finetuning(grid, runs, data, workers)
+                    grid = dataclasses.replace(grid, run_dir=os.devnull, online_steps=10**5)
+                    online = Finetuning(grid, fql.agent_runs(grid), data, workers)
                     rate = steps_per_second(lambda: online.collect(agent.act), seconds)
                 results[name, agents] = rate
                 unit = "env steps/s" if name == "online loop" else "updates/s"
@@ -858,8 +844,6 @@ class FinetuneArgs:
     """episodes per evaluation"""
     balanced_sampling: bool = False
     """batches half from the offline dataset, half from the online transitions"""
-    buffer_size: int = 2_000_000
-    """replay buffer capacity (the offline data counts unless --balanced_sampling)"""
     log_interval: int = 5_000
     """steps between rows of train.csv"""
     save_interval: int = 100_000
@@ -894,21 +878,16 @@ def run_evaluation(args):
     path = checkpoint_path(args.checkpoint)
     agent, state = load_agent(path, args.device)
     env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env
-    probe = make_env(env_name, agent.cfg.frame_stack)
-    shapes = (tuple(probe.observation_space.shape), probe.action_space.shape[0])
-    probe.close()
-    trained = (tuple(state["observation_shape"]), state["action_dim"])
-    if shapes != trained:
-        raise UsageError(f"{path} was trained on {agent.cfg.env} (observation {trained[0]}, action "
-                         f"{trained[1]}); {env_name} has observation {shapes[0]}, action "
-                         f"{shapes[1]}")
-    num_envs = min(args.episodes, args.num_envs or os.cpu_count())
-    vector_env = make_vector_env([env_name] * num_envs, agent.cfg.frame_stack)
-    try:
+    with worker_pool(agent.cfg.frame_stack) as workers:
+        vector_env = workers([env_name] * min(args.episodes, args.num_envs or os.cpu_count()))
+        shapes = (vector_env.single_observation_space.shape, vector_env.single_action_space.shape[0])
+        trained = (tuple(state["observation_shape"]), state["action_dim"])
+        if shapes != trained:
+            raise UsageError(f"{path} was trained on {agent.cfg.env} (observation {trained[0]}, "
+                             f"action {trained[1]}); {env_name} has observation {shapes[0]}, action "
+                             f"{shapes[1]}")
         with tqdm(total=args.episodes, unit="episode") as progress:
             (result,) = evaluate(agent.act, vector_env, args.episodes, [args.seed], progress)
-    finally:
-        close_vector_env(vector_env, sys.exc_info()[0] is not None)
     result = dict(with_score(env_name, result), env=env_name, episodes=args.episodes,
                   seed=args.seed, step=state["step"], checkpoint=path)
     run_dir = os.path.dirname(path)
@@ -926,35 +905,40 @@ def run_evaluation(args):
 def run_finetune(args):
     """The checkpoints (one, or a grid's: every combination of some tasks, alphas and seeds, all
     else equal) fine-tuned as one grid, each agent from a copy of its checkpoint in its own new
-    folder: its run's folder + "-finetune", or in --run_dir."""
-    paths = [checkpoint_path(path) for path in args.checkpoint]
-    saved = {}  # (env, alpha, seed): its checkpoint; one these networks cannot load is refused
-    for path in paths:
+    folder: its run's folder + "-finetune", or in --run_dir. Nothing is written before all are
+    checked."""
+    saved = {}  # (env, alpha, seed): its checkpoint and run; one these networks cannot load: refused
+    for path in map(checkpoint_path, args.checkpoint):
         state = load_agent(path, "cpu")[1]
-        run = checkpoint_config(state, run_dir=os.path.dirname(os.path.abspath(path)))
-        grid = dataclasses.replace(run, env=re.sub(r"-task\d+-v0$", "-v0", run.env), alpha=None,
-                                   seed=None, seeds=None, run_dir=folder_template(run), device="")
-        saved[run.env, run.alpha, run.seed] = (state, run, grid, state["step"])
-        if grid != saved[next(iter(saved))][2] or state["step"] != saved[next(iter(saved))][3]:
-            raise UsageError(f"{paths[0]} and {path} differ in more than task, alpha and seed (or "
-                             "in their step): fine-tune them apart")
+        run = fql.Config(**dict(state["config"], run_dir=os.path.dirname(os.path.abspath(path))))
+        saved[run.env, run.alpha, run.seed] = state, run
     envs, alphas, seeds = (sorted(set(axis)) for axis in zip(*saved))
-    if len(saved) != len(paths) or len(saved) != len(envs) * len(alphas) * len(seeds):
+    state, first = saved[envs[0], alphas[0], seeds[0]]
+    changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
+    changes.update(offline_steps=state["step"], resume=True, seed=None, seeds=tuple(seeds),
+                   run_dir=args.run_dir or folder_template(first) + "-finetune",
+                   alphas=tuple(alphas) if len(alphas) > 1 else None)
+    if len(envs) > 1:  # ...-task<N>-v0
+        changes.update(env=re.sub(r"-task\d+-v0$", "-v0", first.env),
+                       tasks=tuple(int(env[-4]) for env in envs))
+    cfg = fql.resolve_config(dataclasses.replace(first, **changes))
+    runs = fql.agent_runs(cfg)
+    if len(runs) != len(args.checkpoint) or any((r.env, r.alpha, r.seed) not in saved for r in runs):
         raise UsageError("these checkpoints are not a grid (every combination of their tasks, "
                          "alphas and seeds, each once): fine-tune them apart")
-    state, run, grid, step = saved[envs[0], alphas[0], seeds[0]]
-    tasks = tuple(int(env[-4]) for env in envs) if len(envs) > 1 else None  # ...-task<N>-v0
-    changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
-    changes.update(offline_steps=step, resume=True, run_dir=args.run_dir or grid.run_dir + "-finetune",
-                   env=grid.env if tasks else run.env, tasks=tasks, seeds=tuple(seeds),
-                   alpha=alphas[0], alphas=tuple(alphas) if len(alphas) > 1 else None)
-    cfg = fql.resolve_config(dataclasses.replace(run, seed=None, **changes))
-    for run in fql.agent_runs(cfg):
-        start = os.path.join(run.run_dir, "checkpoint.pt")
-        if os.path.exists(start) and not args.resume:
+    for run in runs:
+        state, saved_run = saved[run.env, run.alpha, run.seed]
+        free = fql.RESUMABLE_CHANGES | changes.keys()
+        if state["step"] != cfg.offline_steps or any(
+                getattr(saved_run, k) != v for k, v in dataclasses.asdict(run).items() if k not in free):
+            raise UsageError(f"{saved_run.run_dir} and {first.run_dir} differ in more than task, "
+                             "alpha and seed (or their checkpoints' step): fine-tune them apart")
+        if os.path.exists(os.path.join(run.run_dir, "checkpoint.pt")) and not args.resume:
             raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or "
                              "pass another --run_dir")
-        if not os.path.exists(start):  # a new fine-tuning run continues the offline agent
+    for run in runs:  # a new fine-tuning run continues the offline agent, in its own folder
+        start = os.path.join(run.run_dir, "checkpoint.pt")
+        if not os.path.exists(start):
             os.makedirs(run.run_dir, exist_ok=True)
             state = saved[run.env, run.alpha, run.seed][0]
             fql.write_atomically(start, functools.partial(

@@ -46,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# torch.compile imports a module of torch's own that uses torch.jit.script_method, which warns that it
-# is deprecated: nothing a user of this file can act on
-warnings.filterwarnings("ignore", ".*torch.jit.script_method", DeprecationWarning)
+# Warnings that no user can act on: torch.compile imports a module of torch's own that uses the
+# deprecated torch.jit.script_method; gymnasium casts OGBench's float64 space bounds to float32, and
+# finds a render mode that OGBench's environments support but do not list
+for message in ("torch.jit.script_method", "precision lowered by casting", "possible render_modes"):
+    warnings.filterwarnings("ignore", f".*{message}")
 
 class UsageError(ValueError):
     """Bad input, or a run that cannot go on: reported as one line, without a traceback."""
@@ -108,8 +110,6 @@ class Config:
     """gradient steps on the offline data; default: 500K for D4RL and pixels, else 1M"""
     online_steps: int = 0
     """environment steps of online fine-tuning after the offline steps, one update per step"""
-    buffer_size: int = 2_000_000
-    """fine-tuning's replay buffer capacity (with the offline data, unless balanced)"""
     balanced_sampling: bool = False
     """fine-tuning batches: half from the offline dataset, half from the online transitions"""
     log_interval: int = 5_000
@@ -124,7 +124,7 @@ class Config:
     """where the OGBench .npz files are (downloaded there when missing and online)"""
     run_dir: str | None = None
     """where train.csv, eval.csv, checkpoint.pt go; default runs/<env>__seed<seed>; a grid's:
-    runs/<env>-task<t>__alpha<a>__seed<s> (only the axes given), or <run_dir>/task<t>__..."""
+    runs/<env>__task<t>__alpha<a>__seed<s> (the axes given), or <run_dir>/task<t>__..."""
     device: str = "auto"
     """torch device; auto: cuda when available, else cpu"""
     compile: bool = True
@@ -648,7 +648,7 @@ def resolve_config(cfg):
     # nan fails every comparison, so these checks refuse it too
     for rule, valid, names in (
         ("must be positive", lambda v: 0 < v < math.inf,
-         "batch_size flow_steps horizon lr buffer_size log_interval save_interval eval_episodes "
+         "batch_size flow_steps horizon lr log_interval save_interval eval_episodes "
          "frame_stack"),
         ("must be >= 0", lambda v: 0 <= v < math.inf,
          "alphas alpha offline_steps online_steps eval_interval"),
@@ -681,15 +681,11 @@ def fill_run_dir(run_dir, task, alpha, seed):
 
 
 # ---- Datasets: OGBench and D4RL, moved to the device once; batches are sampled there -------------
-def quiet_simulators():
+def headless_mujoco():
     """Call before MuJoCo loads: it renders through EGL where EGL is installed (else, without a
-    display, it tries GLFW and warns). gymnasium's warnings about OGBench's environments, which no
-    user can act on, are silenced: their float64 space bounds cast to float32, and a render mode
-    they support but do not list."""
+    display, it tries GLFW and warns)."""
     if ctypes.util.find_library("EGL"):
         os.environ.setdefault("MUJOCO_GL", "egl")
-    warnings.filterwarnings("ignore", ".*precision lowered by casting", UserWarning)
-    warnings.filterwarnings("ignore", ".*not in the possible render_modes", UserWarning)
 
 
 def load_datasets(env_names, dataset_dir):
@@ -708,7 +704,7 @@ def load_datasets(env_names, dataset_dir):
 
 def load_ogbench(env_names, dataset_dir):
     """OGBench's train and validation splits, loaded once, with every task's rewards and masks."""
-    quiet_simulators()
+    headless_mujoco()
     import ogbench
     from ogbench.relabel_utils import relabel_dataset
 
@@ -939,23 +935,17 @@ def read_checkpoint(path):
     whole checkpoint of this fql.py; else one line that says what is wrong."""
     if not os.path.exists(path):
         raise UsageError(f"no checkpoint at {path}")
-    # Checkpoints written before their numpy random state was a list hold it as a numpy array:
-    # exactly the numpy types that array needs are allowed (the function numpy's arrays pickle
-    # with lives in numpy.core up to numpy 1.26, in numpy._core from numpy 2)
-    reconstruct = np.zeros(1).__reduce__()[0]
-    numpy_array = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct,
-                   (reconstruct, "numpy.core.multiarray._reconstruct")]
     try:
-        with torch.serialization.safe_globals(numpy_array):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails in many ways on a truncated or foreign file
         code = re.search(r"GLOBAL (\S+)|but got (<[^>]+>)", str(err))  # what a pickle would run
-        if code:
+        if code:  # (fql.py before 2026-11-29 kept numpy's random state as an array: use that one)
             raise UsageError(f"{path} is not a checkpoint of fql.py: it holds Python objects "
                              f"({code[1] or code[2]}), and loading them could run code") from None
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}; truncated?); "
                          "delete it to start over, or restore a copy") from None
     try:  # every part, every field of its config, and networks of the shapes its config builds
+        state["config"].pop("buffer_size", None)  # a flag of earlier releases
         config = Config(**state["config"])  # a field this fql.py does not have: TypeError
         missing = {"optimizer", "rng", "step", "buffer"} - state.keys()
         missing |= dataclasses.asdict(config).keys() - state["config"].keys()

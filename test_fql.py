@@ -434,8 +434,9 @@ def in_process_finetuning(envs, seeds, obs_dim=1, **flags) -> "fql_eval.Finetuni
     empty = dict(observations=torch.zeros(0, obs_dim), actions=torch.zeros(0, 1), rewards=torch.zeros(0, 1),
                  masks=torch.zeros(0, 1), terminals=torch.zeros(0), next_observations=torch.zeros(0, obs_dim))
     runs = [dataclasses.replace(cfg, seed=seed, seeds=(seed,)) for seed in seeds]
-    vector_env = gymnasium.vector.SyncVectorEnv([lambda env=env: env for env in envs], autoreset_mode="Disabled")
-    return fql_eval.Finetuning(cfg, runs, empty, workers=lambda names, **kwargs: vector_env)
+    vector_env = gymnasium.vector.SyncVectorEnv([lambda env=env: fql_eval.Replay(env) for env in envs],
+                                                autoreset_mode="Disabled")
+    return fql_eval.Finetuning(cfg, runs, empty, workers=lambda names: vector_env)
 
 
 def test_chunks_run_open_loop_and_start_afresh_with_each_episode():
@@ -450,7 +451,7 @@ def test_chunks_run_open_loop_and_start_afresh_with_each_episode():
         return np.broadcast_to(k / 10 + np.arange(3) / 100, (*observations.shape[:-1], 3)).copy()
 
     envs = [ChunkEnv(), ChunkEnv()]
-    vector_env = gymnasium.vector.SyncVectorEnv([lambda env=env: env for env in envs])
+    vector_env = gymnasium.vector.SyncVectorEnv([lambda env=env: env for env in envs], autoreset_mode="Disabled")
     (result,) = fql_eval.evaluate(chunk_policy, vector_env, 4, [0])
     assert result["length"] == 7 and len(calls) == 6  # two rounds of episodes, 3 chunks each
     assert [c[0, :, 0].tolist() for c in calls[:3]] == [[0, 0], [3, 3], [6, 6]]  # at steps 0, 3, 6
@@ -943,28 +944,33 @@ def test_unreadable_checkpoints_give_one_line_and_change_nothing(cube_data, tmp_
         assert not os.path.exists(str(run) + "-finetune")
 
 
-def test_a_checkpoint_of_the_earlier_format_resumes_bit_identically(cube_data, tmp_path):
-    """Checkpoints of the earlier release hold the numpy random state as a numpy array and have no chunking
-    fields: read as data with exactly the numpy types that array needs, and the new fields at their defaults,
-    such a run resumes as if never stopped, and a command that changes a new field is refused."""
+def test_a_checkpoint_of_an_earlier_release_resumes_bit_identically_or_is_refused_in_one_line(cube_data, tmp_path):
+    """A checkpoint of a release without the chunking, grid and --buffer_size changes (no horizon, action_chunking,
+    sparse, tasks, alphas; a buffer_size): the new fields at their defaults, the run resumes as if never stopped,
+    and a command that changes a new field is refused. One of a release before 2026-11-29 (numpy's random state as
+    a numpy array) is refused in one line that says why: it holds numpy objects."""
     flags = ("--log_interval", "10", "--save_interval", "10", "--batch_size", "32")
     straight = run_cli(cube_data, tmp_path / "straight", "--offline_steps", "20", *flags)
     run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "10", *flags)
     path = tmp_path / "resumed" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)  # made into what the earlier fql.py wrote:
-    name, keys, *rest = state["rng"]["numpy"]
-    state["rng"]["numpy"] = (name, np.array(keys, dtype=np.uint32), *rest)  # as np.random.get_state() gives it
     state["rng"]["cuda"] = None  # without a GPU
-    for field in ("horizon", "action_chunking", "sparse"):  # fields it did not have
+    for field in ("horizon", "action_chunking", "sparse", "tasks", "alphas"):  # fields it did not have
         del state["config"][field]
+    state["config"]["buffer_size"] = 2_000_000  # one it had
     torch.save(state, path)
-    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(path)  # the earlier format
     with pytest.raises(SystemExit, match="differs from the run in .* in horizon"):
         run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "20", *flags, "--resume", "--horizon", "5")
     resumed = run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "20", *flags, "--resume")
     for (name, p), q in zip(straight.nets.state_dict().items(), resumed.nets.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
     assert untimed_rows(tmp_path / "resumed" / "train.csv") == untimed_rows(tmp_path / "straight" / "train.csv")
+
+    name, keys, *rest = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (name, np.array(keys, dtype=np.uint32), *rest)  # as np.random.get_state() gives it
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match="holds Python objects .*numpy.* and loading them could run code"):
+        run_cli(cube_data, tmp_path / "resumed", "--offline_steps", "30", *flags, "--resume")
 
 
 def test_a_full_disk_while_saving_ends_in_one_line_and_resume_continues(cube_data, tmp_path, monkeypatch):
@@ -1329,8 +1335,9 @@ class ScriptedEnv(gymnasium.Env):
 
 
 def one_at_a_time(make_env) -> gymnasium.vector.VectorEnv:
-    """A vector env of one environment: evaluate() then runs its episodes one after the other."""
-    return gymnasium.vector.SyncVectorEnv([make_env])
+    """A vector env of one environment, reset when asked (as eval.make_vector_env's): evaluate() then runs its
+    episodes one after the other."""
+    return gymnasium.vector.SyncVectorEnv([make_env], autoreset_mode="Disabled")
 
 
 def test_evaluate_counts_success_at_the_last_step():
@@ -1429,35 +1436,36 @@ def test_videos_are_written(tmp_path):
 
 def test_replay_buffer_keeps_each_agents_online_rows_after_the_shared_offline_ones():
     """Two agents on 10 shared offline rows: each adds its own online rows; its batches are uniform over the
-    offline rows and its own online ones, windows included, never the other agent's; once an agent has `capacity`
-    online rows its oldest go; the rows round-trip through each agent's state dict."""
+    offline rows and its own online ones, windows included, never the other agent's; the rows round-trip through
+    each agent's state dict (one reward and mask column, as a run alone keeps)."""
     n = 10
     offline = dict(observations=torch.zeros(n, 3), next_observations=torch.zeros(n, 3), actions=torch.zeros(n, 2),
-                   rewards=torch.zeros(n, 1), masks=torch.ones(n, 1), terminals=torch.zeros(n))  # one task
+                   rewards=torch.zeros(n, 2), masks=torch.ones(n, 2), terminals=torch.zeros(n))  # two tasks
     cfg = make_config(horizon=3)
-    buffer = fql_eval.ReplayBuffer(offline, 2, capacity=4, cfg=cfg)
+    buffer = fql_eval.ReplayBuffer(offline, 2, capacity=6, cfg=cfg)
     for i in range(6):  # agent k's i-th online row: observation 10 k + i + 1, reward k + 1
         buffer.add(dict(observations=np.array([[i + 1.0] * 3, [i + 11.0] * 3]), actions=np.ones((2, 2)),
                         rewards=np.array([[1.0], [2.0]]), masks=np.ones((2, 1)), terminals=np.zeros(2),
                         next_observations=np.zeros((2, 3))))
-    assert (buffer.added, float(buffer.size)) == (6, 14.0)  # 10 offline rows, each agent's 4 latest online ones
+    assert (buffer.added, float(buffer.size)) == (6, 16.0)  # 10 offline rows and each agent's 6 online ones
     for agent in (0, 1):
         online = buffer.data["observations"][buffer.online_rows(agent), 0]
-        assert online.tolist() == [10 * agent + i + 1.0 for i in (2, 3, 4, 5)]  # oldest first
-    batch = buffer.sample(20_000, [torch.Generator().manual_seed(k) for k in (0, 1)])
+        assert online.tolist() == [10 * agent + i + 1.0 for i in range(6)]
+    batch = buffer.sample(20_000, [torch.Generator().manual_seed(k) for k in (0, 1)], tasks=(0, 1))
     first = batch["observations"][..., 0]  # each window's first row
     for agent in (0, 1):
         own = first[agent][first[agent] > 0]
-        assert set(own.tolist()) == {10 * agent + i + 1.0 for i in (2, 3, 4, 5)} - {10 * agent + 5.0, 10 * agent + 6}
-        assert abs(float((first[agent] > 0).float().mean()) - 2 / 12) < 0.02  # uniform over the 12 window starts
+        assert set(own.tolist()) == {10 * agent + i + 1.0 for i in range(4)}  # windows of 3 end in the buffer
+        assert abs(float((first[agent] > 0).float().mean()) - 4 / 14) < 0.02  # uniform over the 14 starts
         rewards = batch["rewards"][agent][first[agent] > 0]  # a window of 3 own online rows: its rewards' sum
         torch.testing.assert_close(rewards, torch.full_like(rewards, (agent + 1) * (1 + 0.99 + 0.99**2)))
-    restored = fql_eval.ReplayBuffer(offline, 2, capacity=4, cfg=cfg)
+    assert buffer.state_dict(1)["rows"]["rewards"].tolist() == [[2.0]] * 6
+    restored = fql_eval.ReplayBuffer(offline, 2, capacity=6, cfg=cfg)
     restored.load_state_dicts([buffer.state_dict(agent) for agent in (0, 1)])
-    assert (restored.added, float(restored.size), int(restored.oldest)) == (6, 14.0, 2)
+    assert (restored.added, float(restored.size)) == (6, 16.0)
     for k in offline:
         assert torch.equal(restored.data[k], buffer.data[k]), k
-    online_only = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, 2, capacity=4, cfg=cfg)
+    online_only = fql_eval.ReplayBuffer({k: v[:0] for k, v in offline.items()}, 2, capacity=6, cfg=cfg)
     online_only.load_state_dicts([buffer.state_dict(agent) for agent in (0, 1)])
     balanced = fql_eval.sample_balanced(offline, online_only, 256, [None, None])  # half offline, half online
     assert torch.equal(balanced["rewards"][1, :128], torch.zeros(128)) and (balanced["rewards"][1, 128:] > 0).all()
@@ -1673,7 +1681,7 @@ def test_finetune_command_fine_tunes_a_grids_checkpoints_as_one_grid(cube_data, 
     checkpoints_equal(tmp_path / "grid" / "task3__seed1-finetune", tmp_path / "alone", rtol=1e-4, atol=1e-5)
 
     run_cli(cube_data, tmp_path / "other", "--offline_steps", "20", "--batch_size", "16", "--seed", "5",
-            "--actor_hidden_dims", "16")
+            "--env", "ogbench-cube-single-task1", "--actor_hidden_dims", "16")  # of task 1 but other networks
     written = files_in(tmp_path)
     one_line_error(script("eval.py", "finetune", "--checkpoint", *folders[:3], *steps), "are not a grid")
     one_line_error(script("eval.py", "finetune", "--checkpoint", folders[0], str(tmp_path / "other"), *steps),
@@ -1891,8 +1899,8 @@ def test_d4rl_antmaze_rewards_the_goal_and_ends_there(name, maze_map, goal_xy, s
 @slow
 @pytest.mark.parametrize("task", ["door", "hammer", "relocate"])
 def test_adroit_reward_is_d4rls(task):
-    """gymnasium-robotics (1.2.1-1.4.2) adds +0.1 |palm - object| where D4RL subtracts it; the wrapper's
-    reward must equal the simulator's reward with that term's sign put back."""
+    """gymnasium-robotics (1.2.1-1.4.2, requirements.txt pins 1.4.2) adds +0.1 |palm - object| where D4RL
+    subtracts it; the wrapper's reward must equal the simulator's reward with that term's sign put back."""
     env = fql_eval.make_env(f"{task}-human-v1")
     inner = env.unwrapped
     env.reset(seed=0)
@@ -1907,18 +1915,8 @@ def test_adroit_reward_is_d4rls(task):
             obj, palm = inner.data.site_xpos[inner.handle_site_id], inner.data.site_xpos[inner.grasp_site_id]
         else:
             obj, palm = inner.data.xpos[inner.obj_body_id], inner.data.site_xpos[inner.S_grasp_site_id]
-        flipped_term = 0.2 * np.linalg.norm(palm - obj) if env.recompute_reward else 0.0  # a fixed release: as is
-        assert reward == pytest.approx(gym_reward - flipped_term, abs=1e-9)
+        assert reward == pytest.approx(gym_reward - 0.2 * np.linalg.norm(palm - obj), abs=1e-9)
         assert not terminated and not truncated
-
-
-def test_adroit_rewards_are_recomputed_only_on_the_releases_that_flipped_them(monkeypatch):
-    assert [fql_eval.release(v) for v in ("1.4.2", "1.5.0rc1", "1.3.0.post1", "2.0")] == [
-        (1, 4, 2), (1, 5, 0), (1, 3, 0), (2, 0)]
-    for installed, flipped in (("1.2.0", False), ("1.2.1", True), ("1.4.2", True), ("1.5.0rc1", False)):
-        monkeypatch.setattr(fql_eval, "version", lambda name: installed)
-        assert fql_eval.make_env("door-human-v1").recompute_reward == flipped, installed
-    assert not fql_eval.make_env("pen-human-v1").recompute_reward
 
 
 @slow
