@@ -13,8 +13,6 @@ its --benchmark (`benchmark`).
 """
 import contextlib
 import csv
-import dataclasses
-import functools
 import io
 import json
 import multiprocessing
@@ -23,8 +21,8 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import cache, partial
 
 import numpy as np
 import torch
@@ -39,10 +37,9 @@ import gymnasium  # noqa: E402
 import ogbench  # noqa: E402  (registers the OGBench environments with gymnasium)
 from ogbench.locomaze.maze import make_maze_env  # noqa: E402
 
-# A policy maps observations with a leading agent dimension, (agents, ..., *observation), to actions
-# in [-1, 1], (agents, ..., action), each row's noise from its own generator (a list of
-# torch.Generators, one for each row, in order): FQLAgent.act
-Policy = Callable[[np.ndarray, list], np.ndarray]
+# A policy (FQLAgent.act) maps observations with a leading agent dimension, (agents, ...,
+# *observation), and a list of torch.Generators, one for each row, to actions in [-1, 1], (agents,
+# ..., action), each row's noise from its own generator
 
 
 # ---- Environments --------------------------------------------------------------------------------
@@ -66,13 +63,13 @@ def make_vector_env(env_names, frame_stack=None):
     and OpenMP threads, which fork would copy in a broken state. The workers fork from one server
     process that imports torch, MuJoCo and OGBench once, instead of each (seconds apiece)."""
     multiprocessing.set_forkserver_preload(["eval"])
-    makes = [functools.partial(make_worker_env, name, frame_stack) for name in env_names]
+    makes = [partial(make_worker_env, name, frame_stack) for name in env_names]
     return gymnasium.vector.AsyncVectorEnv(makes, context="forkserver", autoreset_mode="Disabled")
 
 
 def make_worker_env(env_name, frame_stack):
-    """make_env for a worker process, which ignores SIGTERM: a cluster sends it to every process of a
-    job, and the main process finishes the step it is in (an evaluation, say) before it stops.
+    """make_env for a worker process, which ignores SIGTERM: a cluster sends it to every process of
+    a job, and the main process finishes the step it is in (an evaluation, say) before it stops.
     (gymnasium also makes one in the main process, to read the spaces.)"""
     if multiprocessing.parent_process():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -168,7 +165,7 @@ D4RL_MAZES = {  # map, goal cell, episode length
 }
 
 
-@functools.cache
+@cache
 def d4rl_antmaze_class():
     """D4RL's AntMaze (v2 evaluation) on OGBench's ant, which has D4RL's ant model and coordinates.
     The ant starts at cell (1, 1) = (0, 0) with the ant's reset noise; each episode draws the goal
@@ -293,11 +290,12 @@ class Rollouts:
         self.steps = np.zeros(count, dtype=int)  # into the episode, and its return so far
         self.returns = np.zeros(count)
         self.queues = [[] for _ in range(count)]
-        self.generators = [None] * count
+        self.generators = [torch.Generator() for _ in range(count)]
 
     def step(self, policy, seeds):
         """One step of every environment, those whose episode ended reset first, from `seeds` (one
-        for each environment); returns (observations, actions, step's results, next observations)."""
+        for each environment); returns (observations, actions, the step's results, next
+        observations)."""
         if self.ended.any():
             seeds = [int(seed) for seed in seeds]
             self.observations, _ = self.vector_env.reset(seed=seeds,
@@ -311,8 +309,8 @@ class Rollouts:
         if any(calling):  # the environments that have actions queued draw no noise
             generators = [g if c else torch.Generator() for g, c in zip(self.generators, calling)]
             blocks = self.observations.reshape(self.agents, -1, *self.observations.shape[1:])
-            chunks = policy(blocks, generators).reshape(len(calling), -1,
-                                                        self.vector_env.single_action_space.shape[0])
+            action_size = self.vector_env.single_action_space.shape[0]
+            chunks = policy(blocks, generators).reshape(len(calling), -1, action_size)
             for k in np.flatnonzero(calling):
                 self.queues[k] = list(np.clip(chunks[k], -1, 1))
         observations = self.observations
@@ -425,7 +423,8 @@ class ReplayBuffer:
         starts = (draws * (self.size - self.cfg.horizon + 1).clamp(min=1)).long()
         rows = starts[..., None] + torch.arange(self.cfg.horizon, device=starts.device)
         online = self.first_rows[:, None, None] + rows - self.offline
-        return fql.gather(self.data, torch.where(rows < self.offline, rows, online), tasks, self.cfg)
+        rows = torch.where(rows < self.offline, rows, online)
+        return fql.gather(self.data, rows, tasks, self.cfg)
 
     def online_rows(self, agent):
         return self.first_rows[agent] + torch.arange(self.added, device=self.cfg.device)
@@ -433,7 +432,8 @@ class ReplayBuffer:
     def state_dict(self, agent):
         """Agent `agent`'s online rows: one reward and mask column (every task's holds its own)."""
         rows = self.online_rows(agent)
-        rows = {k: v[rows][:, :1] if k in ("rewards", "masks") else v[rows] for k, v in self.data.items()}
+        rows = {k: v[rows][:, :1] if k in ("rewards", "masks") else v[rows]
+                for k, v in self.data.items()}
         return dict(added=self.added, rows={k: v.cpu() for k, v in rows.items()})
 
     def load_state_dicts(self, states):
@@ -441,10 +441,8 @@ class ReplayBuffer:
         self.added = states[0]["added"]
         self.size.fill_(self.offline + self.added)
         for agent, state in enumerate(states):
-            rows = self.online_rows(agent)
-            for k, v in state["rows"].items():  # (an earlier release kept rewards as a vector)
-                v = v.to(self.cfg.device)
-                self.data[k][rows] = v.reshape(len(rows), -1) if self.data[k].dim() > 1 else v
+            for k, v in state["rows"].items():
+                self.data[k][self.online_rows(agent)] = v.to(self.cfg.device)
 
 
 def sample_balanced(offline, buffer, batch_size, generators=(None,), tasks=(0,)):
@@ -472,13 +470,14 @@ class Finetuning:
         self.buffer = ReplayBuffer(offline, len(runs), cfg.online_steps, cfg)
         self.sample = self.buffer.sample
         if cfg.balanced_sampling:
-            self.sample = functools.partial(sample_balanced, train_data, self.buffer)
+            self.sample = partial(sample_balanced, train_data, self.buffer)
         self.last_episode = [{} for _ in runs]
 
     def collect(self, policy):
-        observations, actions, rewards, terminated, _, infos, next_observations = self.rollouts.step(
-            policy, self.seeds + self.buffer.added)
-        stored = -1.0 * (rewards != 0) if self.cfg.sparse else rewards + self.reward_shift  # as offline
+        observations, actions, rewards, terminated, _, infos, next_observations = \
+            self.rollouts.step(policy, self.seeds + self.buffer.added)
+        # as offline: QC's --sparse, or the D4RL antmaze shift
+        stored = -1.0 * (rewards != 0) if self.cfg.sparse else rewards + self.reward_shift
         self.buffer.add(dict(observations=observations, actions=actions, rewards=stored[:, None],
                              masks=1.0 - terminated[:, None], terminals=self.rollouts.ended,
                              next_observations=next_observations))
@@ -504,11 +503,11 @@ class Finetuning:
         with the actions its buffer holds (exact where the reset's seed decides the start, as in
         OGBench's manipulation environments)."""
         self.buffer.load_state_dicts(states)
-        collectors = [state.get("collector", {}) for state in states]  # earlier releases': none
+        collectors = [state["collector"] for state in states]
         rollouts = self.rollouts
-        rollouts.steps = np.array([c.get("steps", 0) for c in collectors])
+        rollouts.steps = np.array([collector["steps"] for collector in collectors])
         rollouts.ended = rollouts.steps == 0
-        self.last_episode = [c.get("last_episode", {}) for c in collectors]
+        self.last_episode = [collector["last_episode"] for collector in collectors]
         seeds = (self.seeds + self.buffer.added - rollouts.steps).tolist()  # of each one's episode
         episodes = []
         for k, steps in enumerate(rollouts.steps):  # each one's last `steps` online actions
@@ -520,9 +519,8 @@ class Finetuning:
         rollouts.observations = np.stack(observations)
         rollouts.returns = np.array(returns)
         for k, collector in enumerate(collectors):
-            rollouts.queues[k] = list(np.array(collector.get("queue", []), dtype=np.float32))
-            rollouts.generators[k] = torch.Generator().manual_seed(seeds[k])
-            if collector.get("noise") is not None:
+            rollouts.queues[k] = list(np.float32(collector["queue"]))
+            if collector["noise"] is not None:  # in an episode
                 rollouts.generators[k].set_state(collector["noise"])
 
 
@@ -556,7 +554,7 @@ def train(cfg):
             results = evaluate(policy, vector_envs[0], cfg.eval_episodes, seeds)
             return [with_score(run.env, result) for run, result in zip(runs, results)]
 
-        return fql.train(cfg, evaluation, functools.partial(Finetuning, workers=workers))
+        return fql.train(cfg, evaluation, partial(Finetuning, workers=workers))
 
 
 # ---- Checkpoints ---------------------------------------------------------------------------------
@@ -613,7 +611,7 @@ def run_groups(run_dirs):
     return [(s, c, *zip(*runs)) for s, c, runs in zip(settings, configs, groups.values())]
 
 
-def plot_runs(run_dirs, output):
+def plot_runs(args):
     """One panel per metric against steps; runs that share a config (all but the seed) are one
     line: their mean, with the range across seeds shaded."""
     import matplotlib
@@ -623,7 +621,7 @@ def plot_runs(run_dirs, output):
 
     metrics = [(file, key) for file, keys in PLOTTED.items() for key in keys]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
-    for color, (settings, config, runs, _) in enumerate(run_groups(run_dirs)):
+    for color, (settings, config, runs, _) in enumerate(run_groups(args.runs)):
         task = config["task"] and f"task {config['task']}"
         label = ", ".join(filter(None, [config["env"], task, settings]))
         label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
@@ -639,39 +637,18 @@ def plot_runs(run_dirs, output):
     for ax, (_, metric) in zip(axes, metrics, strict=True):
         ax.set_title(metric)
         ax.set_xlabel("step")
-    labels = {}
-    for ax in axes:
-        handles, names = ax.get_legend_handles_labels()
-        labels.update(zip(names, handles))
-    if not labels:
+    lines = {line.get_label(): line for ax in axes for line in ax.lines}  # a group's, once
+    if not lines:
         plt.close(fig)
         raise UsageError("nothing to plot yet: these runs have no rows in train.csv or eval.csv")
-    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 3),
-               fontsize=8)
+    fig.legend(lines.values(), lines, loc="lower center", ncol=min(len(lines), 3), fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(output, dpi=100)
+    fig.savefig(args.output, dpi=100)
     plt.close(fig)
+    print(f"wrote {args.output}")
 
 
-# The paper's FQL results (README's tables): OGBench success in %, the mean over the env's five
-# tasks (8 seeds; cube-single's task2 alone: 97); pixel envs on task1 (4 seeds); D4RL's normalised
-# scores (8 seeds)
-PAPER = {
-    "antmaze-large-navigate": 79, "antmaze-giant-navigate": 9, "humanoidmaze-medium-navigate": 58,
-    "humanoidmaze-large-navigate": 4, "antsoccer-arena-navigate": 60, "cube-single-play": 96,
-    "cube-single-play-singletask-task2-v0": 97, "cube-double-play": 29, "scene-play": 56,
-    "puzzle-3x3-play": 30, "puzzle-4x4-play": 17, "visual-cube-single-play": 81,
-    "visual-cube-double-play": 21, "visual-scene-play": 98, "visual-puzzle-3x3-play": 94,
-    "visual-puzzle-4x4-play": 33, "antmaze-umaze-v2": 96, "antmaze-umaze-diverse-v2": 89,
-    "antmaze-medium-play-v2": 78, "antmaze-medium-diverse-v2": 71, "antmaze-large-play-v2": 84,
-    "antmaze-large-diverse-v2": 83, "pen-human-v1": 53, "pen-cloned-v1": 74, "pen-expert-v1": 142,
-    "door-human-v1": 0, "door-cloned-v1": 2, "door-expert-v1": 104, "hammer-human-v1": 1,
-    "hammer-cloned-v1": 11, "hammer-expert-v1": 125, "relocate-human-v1": 0,
-    "relocate-cloned-v1": 0, "relocate-expert-v1": 107,
-}
-
-
-def table_runs(run_dirs, output=None):
+def table_runs(args):
     """A row for each group of runs whose configs differ only in the seed (a grid's task and
     alpha): the mean and standard deviation over its seeds of each seed's score, computed as the
     paper's are: OGBench, the success in % averaged over the last three evaluations that all its
@@ -681,7 +658,7 @@ def table_runs(run_dirs, output=None):
     rows = []
     tasks = {}  # (env, settings): {task: {seed: score}}
     env_steps = {}  # (env, settings): the steps of its first task
-    for settings, config, runs, seeds in run_groups(run_dirs):
+    for settings, config, runs, seeds in run_groups(args.runs):
         env = config["env"]
         d4rl = env in fql.D4RL
         curves = [read_curve(os.path.join(run, "eval.csv"), "evaluation/score" if d4rl else
@@ -694,7 +671,7 @@ def table_runs(run_dirs, output=None):
         tasks.setdefault((env, settings), {})[config["task"]] = dict(zip(seeds, scores))
         env_steps.setdefault((env, settings), steps)
         task_env = f"{env}-singletask-task{config['task']}-v0" if config["task"] else env
-        paper = PAPER.get(task_env, "")  # OGBench's per-env figures are means over its tasks
+        paper = fql.PAPER.get(task_env, "")  # OGBench's per-env figures are means over its tasks
         rows.append(table_row(env, config["task"], settings, steps, scores, paper))
     for (env, settings), by_task in tasks.items():
         common = sorted(set.intersection(*map(set, by_task.values())))  # seeds of every task
@@ -702,16 +679,13 @@ def table_runs(run_dirs, output=None):
             scores = [np.mean([scores[seed] for scores in by_task.values()]) for seed in common]
             task = "mean of " + " ".join(map(str, by_task))
             rows.append(table_row(env, task, settings, env_steps[env, settings], scores,
-                                  PAPER.get(env, "")))
+                                  fql.PAPER.get(env, "")))
     print("| " + " | ".join(rows[0]) + " |")
     print("|---" * len(rows[0]) + "|")
     for row in rows:
         print("| " + " | ".join(map(str, row.values())) + " |")
-    if output:
-        with open(output, "w", newline="") as f:
-            writer = csv.DictWriter(f, list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    if args.output:
+        fql.write_csv(rows, args.output)
     return rows
 
 
@@ -752,7 +726,7 @@ def benchmark(cfg, shapes=None, seconds=3.0):
                    terminals=np.arange(n) % 1000 == 999, **layout)
     data = fql.to_device(dataset, cfg.device, cfg.frame_stack)
     observation_shape = fql.stacked_shape(data)
-    on_cuda = torch.device(cfg.device).type == "cuda"
+    on_cuda = cfg.device.startswith("cuda")
     torch.set_float32_matmul_precision("high" if on_cuda else "highest")  # as in training
     device_name = f"CPU, {torch.get_num_threads()} threads"
     if on_cuda:
@@ -768,22 +742,22 @@ def benchmark(cfg, shapes=None, seconds=3.0):
         modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
     if not (pixels or shapes):  # (no fine-tuning on pixels)
         modes["online loop"] = {}
-    one = dataclasses.replace(cfg, seeds=cfg.seeds[:1], tasks=cfg.tasks and cfg.tasks[:1],
+    one = replace(cfg, seeds=cfg.seeds[:1], tasks=cfg.tasks and cfg.tasks[:1],
                               alphas=cfg.alphas and cfg.alphas[:1])
     results = {}
     with worker_pool(cfg.frame_stack) as workers:
         for name, flags in modes.items():
             for grid in [one] + [cfg] * (cfg != one):  # one agent, then the grid
                 agents = len(fql.agent_grid(grid))
-                agent = fql.make_agent(dataclasses.replace(grid, **flags), observation_shape,
+                agent = fql.make_agent(replace(grid, **flags), observation_shape,
                                        action_dim)
                 if flags:
-                    step = fql.make_train_step(agent, functools.partial(
+                    step = fql.make_train_step(agent, partial(
                         fql.sample_batch, data, p_aug=cfg.p_aug, cfg=cfg))
                     rate = steps_per_second(lambda: step(False), seconds,
                                             lambda: step(True)["critic/critic_loss"].cpu())
                 else:
-                    grid = dataclasses.replace(grid, run_dir=os.devnull, online_steps=10**5)
+                    grid = replace(grid, run_dir=os.devnull, online_steps=10**5)
                     online = Finetuning(grid, fql.agent_runs(grid), data, workers)
                     rate = steps_per_second(lambda: online.collect(agent.act), seconds)
                 results[name, agents] = rate
@@ -873,6 +847,8 @@ class TableArgs:
 
 
 def run_evaluation(args):
+    """Evaluate, film, plot and fine-tune FQL runs made by fql.py (python eval.py [finetune | plot |
+    table] ...); this command: a checkpoint's success, return and length, and videos."""
     if args.episodes <= 0 or args.video_episodes < 0 or args.frame_skip <= 0:
         raise UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
     path = checkpoint_path(args.checkpoint)
@@ -880,12 +856,13 @@ def run_evaluation(args):
     env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env
     with worker_pool(agent.cfg.frame_stack) as workers:
         vector_env = workers([env_name] * min(args.episodes, args.num_envs or os.cpu_count()))
-        shapes = (vector_env.single_observation_space.shape, vector_env.single_action_space.shape[0])
+        shapes = (vector_env.single_observation_space.shape,
+                  vector_env.single_action_space.shape[0])
         trained = (tuple(state["observation_shape"]), state["action_dim"])
         if shapes != trained:
             raise UsageError(f"{path} was trained on {agent.cfg.env} (observation {trained[0]}, "
-                             f"action {trained[1]}); {env_name} has observation {shapes[0]}, action "
-                             f"{shapes[1]}")
+                             f"action {trained[1]}); {env_name} has observation {shapes[0]}, "
+                             f"action {shapes[1]}")
         with tqdm(total=args.episodes, unit="episode") as progress:
             (result,) = evaluate(agent.act, vector_env, args.episodes, [args.seed], progress)
     result = dict(with_score(env_name, result), env=env_name, episodes=args.episodes,
@@ -907,42 +884,42 @@ def run_finetune(args):
     else equal) fine-tuned as one grid, each agent from a copy of its checkpoint in its own new
     folder: its run's folder + "-finetune", or in --run_dir. Nothing is written before all are
     checked."""
-    saved = {}  # (env, alpha, seed): its checkpoint and run; one these networks cannot load: refused
+    saved = {}  # (env, alpha, seed): its checkpoint and run (one these networks can't load: refused)
     for path in map(checkpoint_path, args.checkpoint):
         state = load_agent(path, "cpu")[1]
         run = fql.Config(**dict(state["config"], run_dir=os.path.dirname(os.path.abspath(path))))
         saved[run.env, run.alpha, run.seed] = state, run
     envs, alphas, seeds = (sorted(set(axis)) for axis in zip(*saved))
     state, first = saved[envs[0], alphas[0], seeds[0]]
-    changes = {k: v for k, v in dataclasses.asdict(args).items() if k != "checkpoint"}
+    changes = {k: v for k, v in asdict(args).items() if k != "checkpoint"}
     changes.update(offline_steps=state["step"], resume=True, seed=None, seeds=tuple(seeds),
                    run_dir=args.run_dir or folder_template(first) + "-finetune",
                    alphas=tuple(alphas) if len(alphas) > 1 else None)
     if len(envs) > 1:  # ...-task<N>-v0
         changes.update(env=re.sub(r"-task\d+-v0$", "-v0", first.env),
                        tasks=tuple(int(env[-4]) for env in envs))
-    cfg = fql.resolve_config(dataclasses.replace(first, **changes))
+    cfg = fql.resolve_config(replace(first, **changes))
     runs = fql.agent_runs(cfg)
-    if len(runs) != len(args.checkpoint) or any((r.env, r.alpha, r.seed) not in saved for r in runs):
+    if len(runs) != len(args.checkpoint) or any((run.env, run.alpha, run.seed) not in saved
+                                                 for run in runs):
         raise UsageError("these checkpoints are not a grid (every combination of their tasks, "
                          "alphas and seeds, each once): fine-tune them apart")
     for run in runs:
         state, saved_run = saved[run.env, run.alpha, run.seed]
         free = fql.RESUMABLE_CHANGES | changes.keys()
         if state["step"] != cfg.offline_steps or any(
-                getattr(saved_run, k) != v for k, v in dataclasses.asdict(run).items() if k not in free):
+                getattr(saved_run, k) != v for k, v in asdict(run).items() if k not in free):
             raise UsageError(f"{saved_run.run_dir} and {first.run_dir} differ in more than task, "
                              "alpha and seed (or their checkpoints' step): fine-tune them apart")
-        if os.path.exists(os.path.join(run.run_dir, "checkpoint.pt")) and not args.resume:
+        if os.path.exists(run.checkpoint) and not args.resume:
             raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or "
                              "pass another --run_dir")
     for run in runs:  # a new fine-tuning run continues the offline agent, in its own folder
-        start = os.path.join(run.run_dir, "checkpoint.pt")
-        if not os.path.exists(start):
+        if not os.path.exists(run.checkpoint):
             os.makedirs(run.run_dir, exist_ok=True)
             state = saved[run.env, run.alpha, run.seed][0]
-            fql.write_atomically(start, functools.partial(
-                torch.save, dict(state, config=dataclasses.asdict(run), buffer=None)))
+            fql.write_atomically(run.checkpoint, partial(
+                torch.save, dict(state, config=asdict(run), buffer=None)))
     return train(cfg)
 
 
@@ -950,29 +927,24 @@ def folder_template(run):
     """A run's folder with its task, alpha and seed where it names them as placeholders."""
     task = re.search(r"(?<=-task)\d+(?=-v0$)", run.env)
     folder = run.run_dir
-    for name, value in (("task", task and task[0]), ("alpha", f"{run.alpha:g}"), ("seed", run.seed)):
+    for name, value in (("task", task and task[0]), ("alpha", f"{run.alpha:g}"),
+                        ("seed", run.seed)):
         folder = re.sub(rf"{name}{value}(?![\d.])", f"{name}{{{name}}}", folder)
     return folder
 
 
+COMMANDS = {"evaluate": (EvalArgs, run_evaluation), "finetune": (FinetuneArgs, run_finetune),
+            "plot": (PlotArgs, plot_runs), "table": (TableArgs, table_runs)}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("finetune", "plot", "table") else "evaluate"
-    rest = argv[1:] if command != "evaluate" else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else "evaluate"
+    args_type, run = COMMANDS[command]
     try:
-        if command == "plot":
-            args = tyro.cli(PlotArgs, args=rest, use_underscores=True, prog="eval.py plot")
-            plot_runs(args.runs, args.output)
-            print(f"wrote {args.output}")
-        elif command == "table":
-            args = tyro.cli(TableArgs, args=rest, use_underscores=True, prog="eval.py table")
-            return table_runs(args.runs, args.output)
-        elif command == "finetune":
-            args = tyro.cli(FinetuneArgs, args=rest, use_underscores=True, prog="eval.py finetune")
-            return run_finetune(args)
-        else:
-            args = tyro.cli(EvalArgs, args=rest, use_underscores=True, description=__doc__)
-            return run_evaluation(args)
+        args = tyro.cli(args_type, args=argv[command != "evaluate":], use_underscores=True,
+                        prog=f"eval.py {command}", description=run.__doc__)
+        return run(args)
     except UsageError as err:
         sys.exit(f"eval.py: error: {err}")
     except KeyboardInterrupt:

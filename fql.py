@@ -24,8 +24,6 @@ the training loop and `main`. eval.py (environments, evaluation, fine-tuning) bu
 import copy
 import csv
 import ctypes.util
-import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -35,10 +33,10 @@ import re
 import signal
 import socket
 import sys
-import time
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -137,6 +135,10 @@ class Config:
     """also log to this Weights & Biases project (needs `pip install wandb`)"""
     benchmark: bool = False
     """print the training step's updates/s in each mode, one agent and the grid; then exit"""
+
+    @property
+    def checkpoint(self):
+        return os.path.join(self.run_dir, "checkpoint.pt")
 
 
 # ---- Networks ------------------------------------------------------------------------------------
@@ -377,15 +379,16 @@ class FQLAgent:
     def __init__(self, agent_nets, cfg, generators, alphas, tasks):
         self.cfg = cfg
         self.agent_nets = agent_nets
-        # the first agent's networks: what torch.func.functional_call runs with each one's parameters
+        # the first agent's networks: what torch.func.functional_call runs with each one's
+        # parameters
         self.nets = agent_nets[0]
         self.generators = generators
         self.alphas = torch.tensor(alphas, dtype=torch.float32, device=cfg.device)
         self.tasks = torch.tensor(tasks, device=cfg.device)
         self.params = stack_parameters(agent_nets)
-        # the target's parameters in the critic's order (one a deep copy of the other), for the lerp
-        self.critic_params = [p for k, p in self.params.items() if k.startswith("critic.")]
-        self.target_params = [p for k, p in self.params.items() if k.startswith("target_critic.")]
+        # (the target's parameters, the critic's), for the lerp (one a deep copy of the other)
+        critic = [k for k in self.params if k.startswith("critic.")]
+        self.lerp = [self.params["target_" + k] for k in critic], [self.params[k] for k in critic]
         trained = [p for p in self.params.values() if p.requires_grad]
         # fused: one kernel for every parameter; capturable: the step counters stay on the GPU,
         # so a CUDA graph can hold Adam
@@ -417,7 +420,7 @@ class FQLAgent:
         loss.backward()
         # the official code moves the target towards the critic from before this step: lerp first
         with torch.no_grad():
-            torch._foreach_lerp_(self.target_params, self.critic_params, self.cfg.tau)
+            torch._foreach_lerp_(*self.lerp, self.cfg.tau)
         self.optimizer.step()
         return metrics
 
@@ -522,12 +525,12 @@ class CUDAGraphStep:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
-        # as PyTorch's docs ask: the eager run before the capture goes on a side stream
-        side_stream = torch.cuda.Stream()
-        side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side_stream):
+        # as PyTorch's docs ask: the eager run before the capture goes on a side stream (after all
+        # queued work, and all of it done before the capture)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream()):
             outputs = self.fn()
-        torch.cuda.current_stream().wait_stream(side_stream)
+        torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
             self.graph.register_generator_state(generator)
@@ -539,7 +542,7 @@ class CUDAGraphStep:
 def make_train_step(agent, sample):
     """`step(with_metrics) -> metrics`; on CUDA each variant is a CUDA graph (not with
     --no_cuda_graph)."""
-    variants = {m: functools.partial(agent.train_step, sample, m) for m in (False, True)}
+    variants = {m: partial(agent.train_step, sample, m) for m in (False, True)}
     if agent.cfg.cuda_graph and agent.cfg.device.startswith("cuda"):
         variants = {m: CUDAGraphStep(fn, agent.generators) for m, fn in variants.items()}
     return lambda with_metrics: variants[with_metrics]()
@@ -547,62 +550,99 @@ def make_train_step(agent, sample):
 
 # ---- Env names and per-env defaults (the paper's hyperparameter tables; the official README) -----
 DEFAULTS = dict(alpha=10.0, discount=0.99, q_agg="mean", offline_steps=1_000_000)  # the official
-
-# alias: (OGBench dataset, default task, alpha, other flags)
-ENVS = {
-    "antmaze-large": ("antmaze-large-navigate", 1, 10, dict(q_agg="min")),
-    "antmaze-giant": ("antmaze-giant-navigate", 1, 10, dict(discount=0.995, q_agg="min")),
-    "humanoidmaze-medium": ("humanoidmaze-medium-navigate", 1, 30, dict(discount=0.995)),
-    "humanoidmaze-large": ("humanoidmaze-large-navigate", 1, 30, dict(discount=0.995)),
-    "antsoccer-arena": ("antsoccer-arena-navigate", 4, 10, dict(discount=0.995)),
-    "cube-single": ("cube-single-play", 2, 300, {}),
-    "cube-double": ("cube-double-play", 2, 300, {}),
-    "scene": ("scene-play", 2, 300, {}),
-    "puzzle-3x3": ("puzzle-3x3-play", 4, 1000, {}),
-    "puzzle-4x4": ("puzzle-4x4-play", 4, 1000, {}),
-}
 PIXELS = dict(encoder="impala_small", frame_stack=3, p_aug=0.5, offline_steps=500_000)
-for env, alpha in {"cube-single": 300, "cube-double": 100, "scene": 100, "puzzle-3x3": 300,
-                   "puzzle-4x4": 300}.items():
-    ENVS[f"visual-{env}"] = (f"visual-{env}-play", 1, alpha, PIXELS)
 
-# D4RL: name -> (d4rl's file name, alpha, other flags); the official README's settings, 500K steps
+# OGBench, as the paper's Table 5 and the official README: `--env ogbench-<alias>` trains on the
+# dataset's default task (ogbench-<alias>-task<N> on another), with alpha and the flags that differ
+# from DEFAULTS (pixels: those of PIXELS). FQL: the paper's success in %, the mean over the
+# dataset's five tasks (8 seeds; pixels: task1 alone, 4 seeds)
+OGBENCH = """
+alias                dataset                       task  alpha  FQL  other flags
+antmaze-large        antmaze-large-navigate        1     10     79   q_agg="min"
+antmaze-giant        antmaze-giant-navigate        1     10     9    q_agg="min" discount=0.995
+humanoidmaze-medium  humanoidmaze-medium-navigate  1     30     58   discount=0.995
+humanoidmaze-large   humanoidmaze-large-navigate   1     30     4    discount=0.995
+antsoccer-arena      antsoccer-arena-navigate      4     10     60   discount=0.995
+cube-single          cube-single-play              2     300    96
+cube-double          cube-double-play              2     300    29
+scene                scene-play                    2     300    56
+puzzle-3x3           puzzle-3x3-play               4     1000   30
+puzzle-4x4           puzzle-4x4-play               4     1000   17
+visual-cube-single   visual-cube-single-play       1     300    81   pixels
+visual-cube-double   visual-cube-double-play       1     100    21   pixels
+visual-scene         visual-scene-play             1     100    98   pixels
+visual-puzzle-3x3    visual-puzzle-3x3-play        1     300    94   pixels
+visual-puzzle-4x4    visual-puzzle-4x4-play        1     300    33   pixels
+"""
+# D4RL, as the official README (500K steps): d4rl's file (AntMaze: ant_maze_v2/Ant_maze_<maze>_
+# sparse_fixed.hdf5; Adroit: hand_dapg_v1/<name>.hdf5), alpha, other flags; FQL: the paper's
+# normalised score (8 seeds)
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
-D4RL = {
-    "antmaze-umaze-v2": ("ant_maze_v2/Ant_maze_u-maze_noisy_multistart_False_multigoal_False"
-                         "_sparse_fixed.hdf5", 10, {}),
-    "antmaze-umaze-diverse-v2": ("ant_maze_v2/Ant_maze_u-maze_noisy_multistart_True_multigoal_True"
-                                 "_sparse_fixed.hdf5", 10, {}),
-    "antmaze-medium-play-v2": ("ant_maze_v2/Ant_maze_big-maze_noisy_multistart_True_multigoal_False"
-                               "_sparse_fixed.hdf5", 10, {}),
-    "antmaze-medium-diverse-v2": ("ant_maze_v2/Ant_maze_big-maze_noisy_multistart_True_multigoal"
-                                  "_True_sparse_fixed.hdf5", 10, {}),
-    "antmaze-large-play-v2": ("ant_maze_v2/Ant_maze_hardest-maze_noisy_multistart_True_multigoal"
-                              "_False_sparse_fixed.hdf5", 3, {}),
-    "antmaze-large-diverse-v2": ("ant_maze_v2/Ant_maze_hardest-maze_noisy_multistart_True"
-                                 "_multigoal_True_sparse_fixed.hdf5", 3, {}),
-}
-ADROIT_ALPHAS = dict(pen=(10000, 10000, 3000), door=(30000, 30000, 30000),
-                     hammer=(30000, 10000, 30000), relocate=(10000, 30000, 30000))
-for task, alphas in ADROIT_ALPHAS.items():
-    for kind, alpha in zip(("human", "cloned", "expert"), alphas):
-        file = f"hand_dapg_v1/{task}-{kind}-v1.hdf5"
-        D4RL[f"{task}-{kind}-v1"] = (file, alpha, dict(q_agg="min"))
+D4RL_DATASETS = """
+name                      maze                                               alpha FQL flags
+antmaze-umaze-v2          u-maze_noisy_multistart_False_multigoal_False      10    96
+antmaze-umaze-diverse-v2  u-maze_noisy_multistart_True_multigoal_True        10    89
+antmaze-medium-play-v2    big-maze_noisy_multistart_True_multigoal_False     10    78
+antmaze-medium-diverse-v2 big-maze_noisy_multistart_True_multigoal_True      10    71
+antmaze-large-play-v2     hardest-maze_noisy_multistart_True_multigoal_False 3     84
+antmaze-large-diverse-v2  hardest-maze_noisy_multistart_True_multigoal_True  3     83
+pen-human-v1              -                                                  10000 53  q_agg="min"
+pen-cloned-v1             -                                                  10000 74  q_agg="min"
+pen-expert-v1             -                                                  3000  142 q_agg="min"
+door-human-v1             -                                                  30000 0   q_agg="min"
+door-cloned-v1            -                                                  30000 2   q_agg="min"
+door-expert-v1            -                                                  30000 104 q_agg="min"
+hammer-human-v1           -                                                  30000 1   q_agg="min"
+hammer-cloned-v1          -                                                  10000 11  q_agg="min"
+hammer-expert-v1          -                                                  30000 125 q_agg="min"
+relocate-human-v1         -                                                  10000 0   q_agg="min"
+relocate-cloned-v1        -                                                  30000 0   q_agg="min"
+relocate-expert-v1        -                                                  30000 107 q_agg="min"
+"""
+
+
+def table_rows(table):
+    """The rows of a table drawn as text, each a list of its cells (apart by spaces), the header
+    left out."""
+    return [row.split() for row in table.strip().splitlines()[1:]]
+
+
+def other_flags(cells):
+    """A table's other flags as a dict: q_agg="min", discount=0.995 (values in JSON), pixels
+    (PIXELS)."""
+    flags = dict(PIXELS) if "pixels" in cells else {}
+    for name, _, value in (cell.partition("=") for cell in cells if "=" in cell):
+        flags[name] = json.loads(value)
+    return flags
+
+
+ENVS = {}  # alias: (OGBench dataset, default task)
+ENV_DEFAULTS = {}  # OGBench dataset or D4RL name: its alpha and other flags
+PAPER = {"cube-single-play-singletask-task2-v0": 97}  # the FQL column (and cube-single's task2)
+for alias, dataset, task, alpha, paper, *other in table_rows(OGBENCH):
+    ENVS[alias] = (dataset, int(task))
+    ENV_DEFAULTS[dataset] = dict(alpha=int(alpha), **other_flags(other))
+    PAPER[dataset] = int(paper)
+D4RL = {}  # name: d4rl's file
+for name, maze, alpha, paper, *other in table_rows(D4RL_DATASETS):
+    D4RL[name] = f"ant_maze_v2/Ant_maze_{maze}_sparse_fixed.hdf5" if name.startswith("antmaze") \
+        else f"hand_dapg_v1/{name}.hdf5"
+    ENV_DEFAULTS[name] = dict(alpha=int(alpha), offline_steps=500_000, **other_flags(other))
+    PAPER[name] = int(paper)
 
 
 def resolve_env(name):
     """Map a user's env name to (the full OGBench single-task or D4RL name, per-env defaults)."""
-    for d4rl_name, (_, alpha, extra) in D4RL.items():
+    for d4rl_name in D4RL:
         if name in (d4rl_name, "d4rl-" + d4rl_name[:-3]):  # without -v2 / -v1
-            return d4rl_name, dict(alpha=alpha, offline_steps=500_000, **extra)
+            return d4rl_name, ENV_DEFAULTS[d4rl_name]
     alias = re.fullmatch(r"ogbench-(.+?)(?:-task(\d+))?", name)
     if alias and alias[1] in ENVS:
-        dataset, default_task, _, _ = ENVS[alias[1]]
+        dataset, default_task = ENVS[alias[1]]
         name = f"{dataset}-singletask-task{alias[2] or default_task}-v0"
     full = re.fullmatch(r"(.+)-singletask(-task[1-5])?-v0", name)
     if full:  # the table's defaults; another OGBench dataset, the official ones
-        defaults = {dataset: dict(alpha=alpha, **extra) for dataset, _, alpha, extra in ENVS.values()}
-        return name, defaults.get(full[1], {})
+        return name, ENV_DEFAULTS.get(full[1], {})
     aliases = ", ".join(f"ogbench-{alias}" for alias in ENVS)
     d4rl_names = ", ".join("d4rl-" + d4rl_name[:-3] for d4rl_name in D4RL)
     raise UsageError(f"unknown env {name!r}. Valid: {aliases} (add -task1 to -task5 for OGBench's "
@@ -615,12 +655,9 @@ def resolve_config(cfg):
     env_name, env_defaults = resolve_env(cfg.env)
     # the official agent's defaults, then the env's, where the user gave no value
     filled = {k: v for k, v in {**DEFAULTS, **env_defaults}.items() if getattr(cfg, k) is None}
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = torch.cuda.device_count()
-    cuda_devices = [f"cuda:{i}" for i in range(gpus)] + ["cuda"] * (gpus > 0)
-    if device not in ["cpu", *cuda_devices]:
+    device = cfg.device.replace("auto", "cuda" if gpus else "cpu")
+    if device not in ["cpu"] + ["cuda"] * (gpus > 0) + [f"cuda:{i}" for i in range(gpus)]:
         raise UsageError(f"--device {device}: give auto, cpu, or cuda[:N] for one of this "
                          f"machine's {gpus} CUDA GPUs")
     seeds = tuple(cfg.seeds or (cfg.seed or 0,))
@@ -640,10 +677,10 @@ def resolve_config(cfg):
     axes = "__".join(["task{task}"] * bool(cfg.tasks) + ["alpha{alpha}"] * bool(cfg.alphas) +
                      ["seed{seed}"])
     run_dir = cfg.run_dir or f"runs/{cfg.env}__{axes}"
-    if len(seeds) * len(cfg.tasks or [0]) * len(cfg.alphas or [0]) > 1 and "{" not in run_dir:
+    cfg = replace(cfg, env=env_name, device=device, seed=seeds[0], seeds=seeds, **filled)
+    if len(agent_grid(cfg)) > 1 and "{" not in run_dir:
         run_dir += "/" + axes
-    cfg = dataclasses.replace(cfg, env=env_name, device=device, run_dir=os.path.normpath(run_dir),
-                              seed=seeds[0], seeds=seeds, **filled)
+    cfg = replace(cfg, run_dir=os.path.normpath(run_dir))
 
     # nan fails every comparison, so these checks refuse it too
     for rule, valid, names in (
@@ -662,7 +699,7 @@ def resolve_config(cfg):
             for v in value if isinstance(value, tuple) else [value]:
                 if v is not None and not valid(v):
                     raise UsageError(f"--{name} {rule}, got {v}")
-    if cfg.offline_steps + cfg.online_steps == 0:
+    if not cfg.offline_steps + cfg.online_steps:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
     pixels = cfg.env.startswith("visual-")
     if not pixels and (cfg.encoder, cfg.frame_stack, cfg.p_aug) != (None, None, None):
@@ -744,23 +781,19 @@ def load_d4rl(name):
     import h5py
 
     directory = os.path.expanduser(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets"))
-    url = D4RL_URL + D4RL[name][0]
+    url = D4RL_URL + D4RL[name]
     path = os.path.join(directory, os.path.basename(url))
-    if not os.path.exists(path):
-        try:
-            os.makedirs(directory, exist_ok=True)
-            torch.hub.download_url_to_file(url, path)  # through a temporary file, with progress
-        except OSError as err:
-            raise UsageError(f"D4RL file {os.path.basename(path)} is not in {directory} and could "
-                             f"not be downloaded ({err}). Download {url} into that folder (or set "
-                             "D4RL_DATASET_DIR).") from None
     try:
+        if not os.path.exists(path):  # through a temporary file, with progress
+            os.makedirs(directory, exist_ok=True)
+            torch.hub.download_url_to_file(url, path)
         with h5py.File(path, "r") as f:  # D4RL's v2 antmaze and v1 adroit files have timeouts
             columns = {k: f[k][:].astype(np.float32) for k in ("observations", "actions",
                                                                 "rewards", "terminals", "timeouts")}
     except (OSError, KeyError) as err:
-        raise UsageError(f"{path} is not a readable D4RL file ({err}): delete it to download it "
-                         "again, or copy a whole one there") from None
+        raise UsageError(f"{path} is not a readable D4RL file, nor could it be downloaded ({err}): "
+                         f"delete it to download it again, or download {url} into {directory} (or "
+                         "set D4RL_DATASET_DIR)") from None
 
     # d4rl.qlearning_dataset: row i goes to row i + 1; the last step of a timed-out episode is
     # dropped
@@ -824,7 +857,9 @@ def sample_batch(data, batch_size, generators=(None,), tasks=(0,), p_aug=None, c
                       device=data["actions"].device)
         for g in generators
     ])
-    batch = gather(data, starts[..., None] + torch.arange(horizon, device=starts.device), tasks, cfg)
+    # the windows' rows, (agents, batch, H)
+    batch = gather(data, starts[..., None] + torch.arange(horizon, device=starts.device), tasks,
+                   cfg)
     if "frames" in data:
         frames = data["frames"][batch.pop("frame_rows")]  # (agents, batch, frames + 1, H, W, C)
         batch["observations"] = frames[:, :, :-1].movedim(2, -2).flatten(-2)
@@ -916,18 +951,15 @@ def save_checkpoints(agent, step, runs, online=None):
     for run, params in zip(runs, zip(*agent.params.values())):  # one host synchronisation each
         if not torch.stack([p.isfinite().all() for p in params]).all():
             stop_diverged(f"its parameters are not finite at step {step}", run.run_dir)
-    paths = [os.path.join(run.run_dir, "checkpoint.pt") for run in runs]
-    numpy_state = list(np.random.get_state())
-    numpy_state[1] = numpy_state[1].tolist()  # its array as a list: plain data for torch.load
-    for i, (run, path) in enumerate(zip(runs, paths)):
-        rng = dict(generator=agent.generators[i].get_state(), torch=torch.get_rng_state(),
-                   numpy=numpy_state, cuda=torch.cuda.get_rng_state_all())  # [] without a GPU
-        state = dict(agent.state_dict(i), step=step, config=dataclasses.asdict(run), rng=rng,
+    for i, run in enumerate(runs):
+        # rng: the agent's random stream (nothing in the loop draws from the global ones)
+        state = dict(agent.state_dict(i), step=step, config=asdict(run),
+                     rng={"generator": agent.generators[i].get_state()},
                      action_dim=agent.nets.action_dim, buffer=online and online.state_dict(i),
                      observation_shape=agent.nets.observation_shape)
-        write_atomically(path, functools.partial(torch.save, state), rename=False)
-    for path in paths:
-        os.replace(path + ".tmp", path)
+        write_atomically(run.checkpoint, partial(torch.save, state), rename=False)
+    for run in runs:
+        os.replace(run.checkpoint + ".tmp", run.checkpoint)
 
 
 def read_checkpoint(path):
@@ -944,15 +976,13 @@ def read_checkpoint(path):
                              f"({code[1] or code[2]}), and loading them could run code") from None
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}; truncated?); "
                          "delete it to start over, or restore a copy") from None
-    try:  # every part, every field of its config, and networks of the shapes its config builds
+    try:  # every part, a config of this fql.py, and networks of the shapes its config builds
         state["config"].pop("buffer_size", None)  # a flag of earlier releases
         config = Config(**state["config"])  # a field this fql.py does not have: TypeError
         missing = {"optimizer", "rng", "step", "buffer"} - state.keys()
-        missing |= dataclasses.asdict(config).keys() - state["config"].keys()
-        missing -= {"horizon", "action_chunking", "sparse", "tasks", "alphas"}  # added since
         if missing:
             raise KeyError(", ".join(sorted(missing)))
-        state["config"] = dataclasses.asdict(config)
+        state["config"] = asdict(config)
         with torch.device("meta"):  # shapes only, no memory
             nets = FQLNetworks(state["observation_shape"], state["action_dim"], config)
         nets.load_state_dict(state["nets"], assign=True)
@@ -966,14 +996,14 @@ def read_checkpoint(path):
 
 def load_checkpoints(agent, runs):
     """Resume a killed run: each agent's checkpoint read and checked (its config may differ only
-    in RESUMABLE_CHANGES), then its networks, Adam's state and random streams restored; returns
+    in RESUMABLE_CHANGES), then its networks, Adam's state and random stream restored; returns
     the checkpoints."""
     states = []
     for run in runs:
-        states.append(read_checkpoint(os.path.join(run.run_dir, "checkpoint.pt")))
+        states.append(read_checkpoint(run.checkpoint))
         saved = states[-1]["config"]
-        changed = [k for k, v in dataclasses.asdict(run).items()  # as JSON: tuples are lists
-                   if k not in RESUMABLE_CHANGES and json.dumps(saved[k]) != json.dumps(v)]
+        changed = [k for k, v in asdict(run).items()
+                   if k not in RESUMABLE_CHANGES and saved[k] != v]
         if changed:
             raise UsageError(f"--resume: this command differs from the run in {run.run_dir} in "
                              f"{', '.join(changed)}; give the same flags as the original run")
@@ -983,47 +1013,34 @@ def load_checkpoints(agent, runs):
             generator.set_state(state["rng"]["generator"])
         except (KeyError, RuntimeError, TypeError):  # a generator of another kind of device
             generator.manual_seed(run.seed * 1_000_003 + state["step"])  # a new stream
-    rng = states[0]["rng"]  # the global streams, the same in every agent's checkpoint
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    if rng["cuda"] and len(rng["cuda"]) <= torch.cuda.device_count():  # [] or None: no GPU
-        torch.cuda.set_rng_state_all(rng["cuda"])
     return states
 
 
-class CSVLog:
-    """Metric rows in a CSV file, rewritten atomically at each row; rows after `keep_until_step`
-    (written after the checkpoint a run resumes from) are dropped."""
-
-    def __init__(self, path, keep_until_step):
-        self.path = path
-        self.rows = []
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = csv.DictReader(f)
-                self.rows = [row for row in rows if int(row["step"]) <= keep_until_step]
-        self.write()
-
-    def write(self, row=None):
-        if row:
-            self.rows.append(row)
-        write_atomically(self.path, self.write_rows)
-
-    def write_rows(self, path):
-        columns = dict.fromkeys(k for row in self.rows for k in row)  # every row's, in order
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+def write_csv(rows, path):
+    """Rows (dicts) as a CSV file whose columns are every row's, in order."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, dict.fromkeys(k for row in rows for k in row))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class RunLog:
-    """Every agent's train.csv and eval.csv, Weights & Biases (one agent's rows), and the progress
-    bar over the steps still to run."""
+    """Every agent's train.csv and eval.csv, each rewritten atomically at every row (the rows of
+    steps after `start`, written after the checkpoint a run resumes from, are dropped); Weights &
+    Biases (a run per agent, named after its folder, in a group named after the grid); and the
+    progress bar over the steps still to run."""
 
     def __init__(self, cfg, runs, start, total_steps):
-        self.files = {name: [CSVLog(os.path.join(run.run_dir, name), start) for run in runs]
-                      for name in ("train.csv", "eval.csv")}
+        self.runs = runs
+        self.rows = {}  # each file's
+        for path in (os.path.join(run.run_dir, name) for run in runs for name in ("train.csv",
+                                                                                   "eval.csv")):
+            self.rows[path] = []
+            if os.path.exists(path):
+                with open(path, newline="") as f:
+                    self.rows[path] = [row for row in csv.DictReader(f)
+                                       if int(row["step"]) <= start]
+            write_atomically(path, partial(write_csv, self.rows[path]))
         from tqdm import tqdm
 
         self.wandb = []
@@ -1032,22 +1049,19 @@ class RunLog:
                 import wandb
             except ImportError:
                 raise UsageError("--wandb_project needs wandb: pip install wandb") from None
-            # a run per agent, named after its folder, in a group named after the grid
             self.wandb = [wandb.init(project=cfg.wandb_project, group=cfg.run_dir, name=run.run_dir,
-                                     config=dataclasses.asdict(run), reinit="create_new")
+                                     config=asdict(run), reinit="create_new")
                           for run in runs]
         self.progress = tqdm(range(start + 1, total_steps + 1), initial=start, total=total_steps,
                              unit="update", smoothing=0.05)
-        self.timer = (time.time(), start)  # updates/s since the last row, evaluations left out
 
     def train(self, step, metrics, extras):
-        """A train.csv row per agent: its metrics, its `extras` and the updates/s since the last
-        row."""
-        speed = {"time/updates_per_sec": (step - self.timer[1]) / (time.time() - self.timer[0])}
+        """A train.csv row per agent: its metrics, its `extras` and the updates/s of late (the
+        progress bar's, smoothed)."""
+        speed = {"time/updates_per_sec": self.progress.format_dict["rate"] or 0.0}
         values = torch.stack(list(metrics.values()), dim=1).tolist()  # (agents, metrics)
         rows = [{**dict(zip(metrics, v)), **extra, **speed} for v, extra in zip(values, extras)]
         self.write("train.csv", step, rows)
-        self.timer = (time.time(), step)
 
     def evaluation(self, step, results):
         """An eval.csv row per agent."""
@@ -1055,15 +1069,16 @@ class RunLog:
         self.write("eval.csv", step, rows)
         successes = " ".join(f"{result['success']:.3f}" for result in results)
         self.progress.write(f"step {step}: success {successes}")
-        self.timer = (time.time(), self.timer[1])
 
     def write(self, name, step, rows):
         """A row per agent in its `name` file; a number that is not finite stops the run."""
-        for log, row in zip(self.files[name], rows):
-            log.write({"step": step, **row})
+        for run, row in zip(self.runs, rows):
+            path = os.path.join(run.run_dir, name)
+            self.rows[path].append({"step": step, **row})
+            write_atomically(path, partial(write_csv, self.rows[path]))
             for key, value in row.items():
                 if not math.isfinite(value):
-                    stop_diverged(f"{key} is {value} at step {step}", os.path.dirname(log.path))
+                    stop_diverged(f"{key} is {value} at step {step}", run.run_dir)
         for run, row in zip(self.wandb, rows):
             run.log(row, step=step)
 
@@ -1083,17 +1098,16 @@ def agent_runs(cfg):
     runs = []
     for task, alpha, seed in agent_grid(cfg):
         task = cfg.tasks[task] if cfg.tasks else None
-        run_dir = fill_run_dir(cfg.run_dir, task, alpha, seed)
-        checkpoint = os.path.join(run_dir, "checkpoint.pt")
-        if os.path.exists(checkpoint) and not cfg.resume:
-            raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or "
-                             "another --run_dir")
-        renamed = runs and not os.path.exists(os.path.join(runs[0].run_dir, "checkpoint.pt.tmp"))
-        if cfg.resume and renamed and os.path.exists(checkpoint + ".tmp"):
-            os.replace(checkpoint + ".tmp", checkpoint)
         env = re.sub(r"-v0$", f"-task{task}-v0", cfg.env) if task else cfg.env
-        runs.append(dataclasses.replace(cfg, env=env, tasks=None, alpha=alpha, alphas=None,
-                                        seed=seed, seeds=(seed,), run_dir=run_dir))
+        run = replace(cfg, env=env, tasks=None, alpha=alpha, alphas=None, seed=seed, seeds=(seed,),
+                      run_dir=fill_run_dir(cfg.run_dir, task, alpha, seed))
+        if os.path.exists(run.checkpoint) and not cfg.resume:
+            raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or "
+                             "another --run_dir")
+        renamed = runs and not os.path.exists(runs[0].checkpoint + ".tmp")
+        if cfg.resume and renamed and os.path.exists(run.checkpoint + ".tmp"):
+            os.replace(run.checkpoint + ".tmp", run.checkpoint)
+        runs.append(run)
     return runs
 
 
@@ -1101,7 +1115,7 @@ def open_run(cfg, runs, agent, online):
     """The step to start from: with --resume, each agent's networks, optimiser, random streams
     (and fine-tuning's buffer) come from its checkpoint. Then each one's config.json is written."""
     start = 0
-    if cfg.resume and os.path.exists(os.path.join(runs[0].run_dir, "checkpoint.pt")):
+    if cfg.resume and os.path.exists(runs[0].checkpoint):
         states = load_checkpoints(agent, runs)
         start = states[0]["step"]
         if online and states[0]["buffer"] is not None:
@@ -1110,7 +1124,7 @@ def open_run(cfg, runs, agent, online):
         print(f"--resume: no checkpoint in {runs[0].run_dir} yet; starting from the beginning")
     for run in runs:  # written once the run is accepted
         os.makedirs(run.run_dir, exist_ok=True)
-        config = json.dumps(dataclasses.asdict(run), indent=1)
+        config = json.dumps(asdict(run), indent=1)
         write_atomically(os.path.join(run.run_dir, "config.json"),
                          lambda path: pathlib.Path(path).write_text(config))
     return start
@@ -1124,23 +1138,21 @@ def train(cfg, evaluate=None, finetuning=None):
     state dicts)."""
     cfg = resolve_config(cfg)
     runs = agent_runs(cfg)
-    np.random.seed(cfg.seed)
     # TF32 matmuls on the GPU, as JAX does by default
     torch.set_float32_matmul_precision("high" if cfg.device.startswith("cuda") else "highest")
 
     # one copy on the device, shared by all agents; a column of rewards and masks per task
     splits = load_datasets(list(dict.fromkeys(run.env for run in runs)), cfg.dataset_dir)
-    splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse) for split in splits if split]
+    splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse)
+              for split in splits if split]
     if min(len(split["actions"]) for split in splits) < cfg.horizon:
         raise UsageError(f"--horizon {cfg.horizon} is longer than a split of {cfg.env}'s dataset")
     train_data = splits[0]
-    observation_shape = stacked_shape(train_data)
-    agent = make_agent(cfg, observation_shape, train_data["actions"].shape[1])
-    sample = functools.partial(sample_batch, train_data, p_aug=cfg.p_aug, cfg=cfg)
-    offline_step = make_train_step(agent, sample)
-    validation = None
-    if len(splits) > 1:
-        validation = functools.partial(sample_batch, splits[1], cfg=cfg)
+    agent = make_agent(cfg, stacked_shape(train_data), train_data["actions"].shape[1])
+    offline_step = make_train_step(agent, partial(sample_batch, train_data, p_aug=cfg.p_aug,
+                                                  cfg=cfg))
+    # the validation split's losses (OGBench's; D4RL has none)
+    validations = [partial(sample_batch, split, cfg=cfg) for split in splits[1:]]
     online = finetuning(cfg, runs, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
     start = open_run(cfg, runs, agent, online)
@@ -1163,12 +1175,12 @@ def train(cfg, evaluate=None, finetuning=None):
                 metrics = online_step(with_metrics)
 
             if with_metrics:  # the only host synchronisation between steps
-                if validation:
+                for validation in validations:
                     with torch.no_grad():
                         _, val_metrics = agent.losses_eager(*agent.draw(validation), True)
                     metrics |= {f"validation/{k}": v for k, v in val_metrics.items()}
-                offline = step <= cfg.offline_steps
-                log.train(step, metrics, [{}] * len(runs) if offline else online.log())
+                log.train(step, metrics,
+                          online.log() if step > cfg.offline_steps else [{}] * len(runs))
 
             last = step == total_steps
             if evaluate and cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
@@ -1201,9 +1213,7 @@ def main(argv=None):
             raise UsageError("evaluation, fine-tuning and --benchmark need eval.py beside fql.py "
                              f"and its packages ({err}); --eval_interval 0 trains without them") \
                 from None
-        if cfg.benchmark:
-            return eval.benchmark(cfg)
-        return eval.train(cfg)
+        return (eval.benchmark if cfg.benchmark else eval.train)(cfg)
     except UsageError as err:
         sys.exit(f"fql.py: error: {err}")
     except KeyboardInterrupt:
