@@ -90,14 +90,6 @@ class Replay(gymnasium.Wrapper):
         return observation, episode_return
 
 
-def close_vector_env(vector_env, error):
-    """After an error, Ctrl-C or SIGTERM the workers are killed, not waited for."""
-    if error:
-        for worker in vector_env.processes:
-            worker.kill()
-    vector_env.close(terminate=error)
-
-
 def env_shapes(env_name):
     """(observation shape, action size) of an env; for pixel envs one frame, before stacking."""
     env = make_env(env_name)
@@ -113,7 +105,6 @@ class FrameStack(gymnasium.ObservationWrapper):
     def __init__(self, env, frames):
         super().__init__(env)
         self.frames = frames
-        self.stack = []
         shape = env.observation_space.shape
         stacked = (*shape[:-1], shape[-1] * frames)
         self.observation_space = gymnasium.spaces.Box(0, 255, stacked, np.uint8)
@@ -297,7 +288,7 @@ class Rollouts:
         for each environment); returns (observations, actions, the step's results, next
         observations)."""
         if self.ended.any():
-            seeds = [int(seed) for seed in seeds]
+            seeds = seeds.tolist()
             self.observations, _ = self.vector_env.reset(seed=seeds,
                                                          options={"reset_mask": self.ended})
             for k in np.flatnonzero(self.ended):
@@ -527,14 +518,24 @@ class Finetuning:
 @contextlib.contextmanager
 def worker_pool(frame_stack=None):
     """`workers(env_names)`: a vector env (make_vector_env) whose worker processes end with the
-    `with` block, whatever ends it (after an error they are killed)."""
-    with contextlib.ExitStack() as stack:
-        def workers(env_names):
-            vector_env = make_vector_env(env_names, frame_stack)
-            stack.push(lambda error_type, *_: close_vector_env(vector_env, error_type is not None))
-            return vector_env
+    `with` block, whatever ends it; after an error, Ctrl-C or SIGTERM they are killed, not waited
+    for."""
+    vector_envs = []
 
+    def workers(env_names):
+        vector_envs.append(make_vector_env(env_names, frame_stack))
+        return vector_envs[-1]
+
+    error = True
+    try:
         yield workers
+        error = False
+    finally:
+        for vector_env in vector_envs:
+            if error:
+                for worker in vector_env.processes:
+                    worker.kill()
+            vector_env.close(terminate=error)
 
 
 def train(cfg):
@@ -624,7 +625,7 @@ def plot_runs(args):
     for color, (settings, config, runs, _) in enumerate(run_groups(args.runs)):
         task = config["task"] and f"task {config['task']}"
         label = ", ".join(filter(None, [config["env"], task, settings]))
-        label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        label += f" (n={len(runs)})"
         for ax, (file, metric) in zip(axes, metrics, strict=True):
             curves = [read_curve(os.path.join(run, file), metric) for run in runs]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -657,7 +658,6 @@ def table_runs(args):
     for the env is that mean over its five. Printed as a Markdown table; CSV in `output`."""
     rows = []
     tasks = {}  # (env, settings): {task: {seed: score}}
-    env_steps = {}  # (env, settings): the steps of its first task
     for settings, config, runs, seeds in run_groups(args.runs):
         env = config["env"]
         d4rl = env in fql.D4RL
@@ -669,7 +669,6 @@ def table_runs(args):
         scores = [np.mean([curve[step] for step in steps]) * (1 if d4rl else 100)
                   for curve in curves]
         tasks.setdefault((env, settings), {})[config["task"]] = dict(zip(seeds, scores))
-        env_steps.setdefault((env, settings), steps)
         task_env = f"{env}-singletask-task{config['task']}-v0" if config["task"] else env
         paper = fql.PAPER.get(task_env, "")  # OGBench's per-env figures are means over its tasks
         rows.append(table_row(env, config["task"], settings, steps, scores, paper))
@@ -678,12 +677,9 @@ def table_runs(args):
         if len(by_task) > 1 and common:
             scores = [np.mean([scores[seed] for scores in by_task.values()]) for seed in common]
             task = "mean of " + " ".join(map(str, by_task))
-            rows.append(table_row(env, task, settings, env_steps[env, settings], scores,
-                                  fql.PAPER.get(env, "")))
-    print("| " + " | ".join(rows[0]) + " |")
-    print("|---" * len(rows[0]) + "|")
-    for row in rows:
-        print("| " + " | ".join(map(str, row.values())) + " |")
+            rows.append(table_row(env, task, settings, "", scores, fql.PAPER.get(env, "")))
+    for line in [rows[0], ["---"] * len(rows[0]), *map(dict.values, rows)]:  # Markdown
+        print("|", " | ".join(map(str, line)), "|")
     if args.output:
         fql.write_csv(rows, args.output)
     return rows
@@ -709,7 +705,7 @@ def benchmark(cfg, shapes=None, seconds=3.0):
     shape, action size)); then, for the env's own state shapes, env steps/s of the online loop:
     every agent's environment one step (worker processes) and one batched policy call. Returns
     {(mode, agents): steps/s}."""
-    cfg = fql.resolve_config(cfg)
+    cfg = replace(fql.resolve_config(cfg), run_dir=os.devnull, online_steps=10**5)  # writes nothing
     observation_shape, action_dim = shapes or env_shapes(cfg.env)
     rng = np.random.default_rng(cfg.seed)
     pixels = len(observation_shape) == 3
@@ -742,12 +738,11 @@ def benchmark(cfg, shapes=None, seconds=3.0):
         modes["compile + CUDA graph"] = dict(compile=True, cuda_graph=True)
     if not (pixels or shapes):  # (no fine-tuning on pixels)
         modes["online loop"] = {}
-    one = replace(cfg, seeds=cfg.seeds[:1], tasks=cfg.tasks and cfg.tasks[:1],
-                              alphas=cfg.alphas and cfg.alphas[:1])
+    one = fql.agent_runs(cfg)[0]
     results = {}
     with worker_pool(cfg.frame_stack) as workers:
         for name, flags in modes.items():
-            for grid in [one] + [cfg] * (cfg != one):  # one agent, then the grid
+            for grid in [one] + [cfg] * (len(fql.agent_grid(cfg)) > 1):  # one agent, then the grid
                 agents = len(fql.agent_grid(grid))
                 agent = fql.make_agent(replace(grid, **flags), observation_shape,
                                        action_dim)
@@ -757,7 +752,6 @@ def benchmark(cfg, shapes=None, seconds=3.0):
                     rate = steps_per_second(lambda: step(False), seconds,
                                             lambda: step(True)["critic/critic_loss"].cpu())
                 else:
-                    grid = replace(grid, run_dir=os.devnull, online_steps=10**5)
                     online = Finetuning(grid, fql.agent_runs(grid), data, workers)
                     rate = steps_per_second(lambda: online.collect(agent.act), seconds)
                 results[name, agents] = rate
@@ -795,8 +789,6 @@ class EvalArgs:
     """environments stepping in parallel; 0: one per CPU core, at most `episodes`"""
     seed: int = 0
     """episode i starts from env.reset(seed=seed + i)"""
-    env: str | None = None
-    """evaluate on another env of the same observation and action shapes (default: the run's)"""
     video_episodes: int = 0
     """also render this many episodes to mp4 files in <run>/videos"""
     frame_skip: int = 2
@@ -853,16 +845,9 @@ def run_evaluation(args):
         raise UsageError("--episodes and --frame_skip must be positive, --video_episodes >= 0")
     path = checkpoint_path(args.checkpoint)
     agent, state = load_agent(path, args.device)
-    env_name = fql.resolve_env(args.env)[0] if args.env else agent.cfg.env
+    env_name = agent.cfg.env  # its task's, for an agent of a grid
     with worker_pool(agent.cfg.frame_stack) as workers:
         vector_env = workers([env_name] * min(args.episodes, args.num_envs or os.cpu_count()))
-        shapes = (vector_env.single_observation_space.shape,
-                  vector_env.single_action_space.shape[0])
-        trained = (tuple(state["observation_shape"]), state["action_dim"])
-        if shapes != trained:
-            raise UsageError(f"{path} was trained on {agent.cfg.env} (observation {trained[0]}, "
-                             f"action {trained[1]}); {env_name} has observation {shapes[0]}, "
-                             f"action {shapes[1]}")
         with tqdm(total=args.episodes, unit="episode") as progress:
             (result,) = evaluate(agent.act, vector_env, args.episodes, [args.seed], progress)
     result = dict(with_score(env_name, result), env=env_name, episodes=args.episodes,
@@ -884,13 +869,13 @@ def run_finetune(args):
     else equal) fine-tuned as one grid, each agent from a copy of its checkpoint in its own new
     folder: its run's folder + "-finetune", or in --run_dir. Nothing is written before all are
     checked."""
-    saved = {}  # (env, alpha, seed): its checkpoint and run (one these networks can't load: refused)
+    saved = {}  # (env, alpha, seed): its checkpoint and run (load_agent refuses a bad one)
     for path in map(checkpoint_path, args.checkpoint):
         state = load_agent(path, "cpu")[1]
         run = fql.Config(**dict(state["config"], run_dir=os.path.dirname(os.path.abspath(path))))
         saved[run.env, run.alpha, run.seed] = state, run
     envs, alphas, seeds = (sorted(set(axis)) for axis in zip(*saved))
-    state, first = saved[envs[0], alphas[0], seeds[0]]
+    state, first = next(iter(saved.values()))
     changes = {k: v for k, v in asdict(args).items() if k != "checkpoint"}
     changes.update(offline_steps=state["step"], resume=True, seed=None, seeds=tuple(seeds),
                    run_dir=args.run_dir or folder_template(first) + "-finetune",

@@ -791,7 +791,7 @@ def load_d4rl(name):
             columns = {k: f[k][:].astype(np.float32) for k in ("observations", "actions",
                                                                 "rewards", "terminals", "timeouts")}
     except (OSError, KeyError) as err:
-        raise UsageError(f"{path} is not a readable D4RL file, nor could it be downloaded ({err}): "
+        raise UsageError(f"{path} is not a readable D4RL file (or could not be downloaded: {err}): "
                          f"delete it to download it again, or download {url} into {directory} (or "
                          "set D4RL_DATASET_DIR)") from None
 
