@@ -59,11 +59,13 @@ class UsageError(ValueError):
 class Config:
     # The algorithm (the paper's Table 5). None: the env's value from the env table below.
     alpha: float | None = None
-    """distillation coefficient; default: the paper's value for the env (README's table), else 10"""
+    """distillation coefficient; default: the env's value in the tables below (the paper's), else
+    10"""
     discount: float | None = None
     """discount factor; default: 0.995 for antmaze-giant, humanoidmaze and antsoccer, else 0.99"""
     q_agg: Literal["mean", "min"] | None = None
-    """how the target takes the 2 critic members; default: min for antmaze-large/giant, Adroit"""
+    """how the TD target combines the 2 critic members (the Q term always takes their mean);
+    default: min for OGBench's antmaze-large/giant and for Adroit"""
     normalize_q_loss: bool = False
     """scale the Q term by 1 / mean|Q| (the official README suggests it for new tasks)"""
     tau: float = 0.005
@@ -122,7 +124,8 @@ class Config:
     """where the OGBench .npz files are (downloaded there when missing and online)"""
     run_dir: str | None = None
     """where train.csv, eval.csv, checkpoint.pt go; default runs/<env>__seed<seed>; a grid's:
-    runs/<env>__task<t>__alpha<a>__seed<s> (the axes given), or <run_dir>/task<t>__..."""
+    runs/<env>__task<t>__alpha<a>__seed<s> (the axes given), or <run_dir>/task<t>__...; or a
+    pattern that names each axis of the grid as {task}, {alpha}, {seed}"""
     device: str = "auto"
     """torch device; auto: cuda when available, else cpu"""
     compile: bool = True
@@ -166,7 +169,8 @@ class MLP(nn.Module):
     output. The observation, the first input, goes through `encoder` first, unless it comes
     `encoded` already. With `members`, the critic: that many independent MLPs as one batched
     matmul a layer, each hidden layer followed by a LayerNorm, each member's output a scalar
-    Q(s, a), (members, batch); the members read the same encoded observation, as officially."""
+    Q(s, a), (members, batch); the members read the same encoded observation, as officially.
+    (EnsembleLayerNorm is defined below.)"""
 
     def __init__(self, in_dim, hidden_dims, out_dim, encoder, members=None):
         super().__init__()
@@ -234,7 +238,7 @@ class ImpalaEncoder(nn.Module):
         self.stacks = nn.Sequential(*stacks)
         flat = self.stacks(torch.zeros(1, channels, height, width)).numel()
         self.head = Dense(flat, 512)  # features
-        for conv in self.modules():  # flax's initialisation, as in the official code
+        for conv in self.modules():  # Xavier-uniform, zero bias: as the official code sets them
             if isinstance(conv, nn.Conv2d):
                 nn.init.xavier_uniform_(conv.weight)
                 nn.init.zeros_(conv.bias)
@@ -248,7 +252,7 @@ class ImpalaEncoder(nn.Module):
 
 class FQLNetworks(nn.Module):
     """The critic and its target, the BC flow and the one-step policy; for pixels, each network has
-    its own encoder (the critic's two members share theirs)."""
+    its own encoder (the critic's two members share theirs; the target critic holds a copy)."""
 
     def __init__(self, observation_shape, action_dim, cfg):
         super().__init__()
@@ -257,7 +261,8 @@ class FQLNetworks(nn.Module):
         # what the networks take and emit: a chunk of actions, time-major (one action: FQL, FQL-n)
         self.chunk_dim = action_dim * (cfg.horizon if cfg.action_chunking else 1)
         chunk = self.chunk_dim
-        dim = 512 if cfg.encoder else observation_shape[0]  # encoded features, or the state vector
+        # ImpalaEncoder's feature width (its head), or the state vector's
+        dim = 512 if cfg.encoder else observation_shape[0]
         encoders = [ImpalaEncoder(observation_shape, cfg.encoder) if cfg.encoder else nn.Identity()
                     for _ in range(3)]
         # Q(s, a): two members
@@ -289,7 +294,7 @@ def flow_actions(actor_bc_flow, obs, noise, steps):
 def draw_noise(batch_size, chunk_dim, device, generators=(None,)):
     """The losses' noise for one update (the batch's rows are drawn by the sampler), a draw per
     generator (an agent's) along a leading agent dimension, in one place so that tests can fix it.
-    `chunk_dim`: what the networks emit (FQLNetworks.chunk_dim; the action size without chunks)."""
+    `chunk_dim`: what the networks emit (FQLNetworks.chunk_dim; action_dim when not chunking)."""
     # an agent's three Gaussians in one call: fewer kernels than three calls
     draws = [(torch.randn((3, batch_size, chunk_dim), device=device, generator=g),
               torch.rand((batch_size, 1), device=device, generator=g)) for g in generators]
@@ -318,7 +323,7 @@ def fql_losses(nets, batch, noise, alpha, cfg, with_metrics=False):
         target_q = batch["rewards"] + cfg.discount**cfg.horizon * batch["masks"] * next_q
     q = nets.critic(obs, actions)
     critic_errors = (q - target_q).pow(2)
-    if "valid" in batch:  # QC's windows: steps after an episode's end count as zeros in the mean
+    if "valid" in batch:  # QC's windows: one that runs past an episode's end adds 0 to the mean
         critic_errors = critic_errors * batch["valid"][..., -1]
     critic_loss = critic_errors.mean()
 
@@ -379,8 +384,8 @@ class FQLAgent:
     def __init__(self, agent_nets, cfg, generators, alphas, tasks):
         self.cfg = cfg
         self.agent_nets = agent_nets
-        # the first agent's networks: what torch.func.functional_call runs with each one's
-        # parameters
+        # the first agent's networks, as the template that torch.func.functional_call runs with
+        # each agent's parameters (the shapes, chunk_dim and so on are every agent's)
         self.nets = agent_nets[0]
         self.generators = generators
         self.alphas = torch.tensor(alphas, dtype=torch.float32, device=cfg.device)
@@ -390,10 +395,12 @@ class FQLAgent:
         critic = [k for k in self.params if k.startswith("critic.")]
         self.lerp = [self.params["target_" + k] for k in critic], [self.params[k] for k in critic]
         trained = [p for p in self.params.values() if p.requires_grad]
-        # fused: one kernel for every parameter; capturable: the step counters stay on the GPU,
-        # so a CUDA graph can hold Adam
-        self.optimizer = torch.optim.Adam(trained, lr=cfg.lr, fused=True,
-                                          capturable=cfg.device.startswith("cuda"))
+        # On CUDA, fused: one kernel for every parameter; capturable: the step counters stay on
+        # the GPU, so a CUDA graph can hold Adam. Not fused on a CPU, where the fused kernel rounds
+        # an element in its vectorised body otherwise than in its tail: an agent's step would then
+        # depend on its place in the grid, not as alone, bit for bit
+        cuda = cfg.device.startswith("cuda")
+        self.optimizer = torch.optim.Adam(trained, lr=cfg.lr, fused=cuda, capturable=cuda)
         # torch.compile fuses the losses' forward and backward (shapes and config are fixed)
         self.losses = self.losses_eager
         self.policy = self.policy_eager
@@ -418,7 +425,7 @@ class FQLAgent:
         loss, metrics = self.losses(batch, noise, with_metrics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # the official code moves the target towards the critic from before this step: lerp first
+        # lerp before optimizer.step(): the critic from before this step (see above)
         with torch.no_grad():
             torch._foreach_lerp_(*self.lerp, self.cfg.tau)
         self.optimizer.step()
@@ -448,9 +455,9 @@ class FQLAgent:
         episode's actions depend on its own seed only, on any device. z is drawn outside the
         compiled policy, so that the compiled and the eager policy act alike."""
         obs = torch.as_tensor(observations, dtype=torch.float32, device=self.cfg.device)
-        rows = obs.shape[: -len(self.nets.observation_shape)]
+        leading_shape = obs.shape[: -len(self.nets.observation_shape)]  # (agents, ...)
         z = torch.stack([torch.randn(self.nets.chunk_dim, generator=g) for g in generators])
-        return self.policy(obs, z.view(*rows, -1).to(obs.device)).cpu().numpy()
+        return self.policy(obs, z.view(*leading_shape, -1).to(obs.device)).cpu().numpy()
 
     def state_dict(self, index=0):
         """Agent `index`'s networks and Adam state, as a one-agent FQLAgent's (copies: a view would
@@ -492,8 +499,9 @@ def stack_parameters(agent_nets):
 
 
 def agent_grid(cfg):
-    """(task, alpha, seed) of each agent: every combination of cfg's lists, in this order; a task
-    is its index in cfg.tasks (0 for an env of one task), its column of the rewards and masks."""
+    """(column, alpha, seed) of each agent: every combination of cfg's lists, in this order; the
+    column of the rewards and masks is its task's index in cfg.tasks (0 for an env of one task):
+    train loads the tasks in that order."""
     return list(itertools.product(range(len(cfg.tasks or [0])), cfg.alphas or [cfg.alpha],
                                   cfg.seeds))
 
@@ -651,7 +659,9 @@ def resolve_env(name):
 
 
 def resolve_config(cfg):
-    """Fill in the per-env defaults the user did not set, then check every value."""
+    """Fill in what the user did not set (the env's defaults, the device, the seeds, the run_dir
+    pattern; a grid's env without its task), then check every value. Calling it again on its
+    result changes nothing (main and train both call it)."""
     env_name, env_defaults = resolve_env(cfg.env)
     # the official agent's defaults, then the env's, where the user gave no value
     filled = {k: v for k, v in {**DEFAULTS, **env_defaults}.items() if getattr(cfg, k) is None}
@@ -662,16 +672,18 @@ def resolve_config(cfg):
                          f"machine's {gpus} CUDA GPUs")
     seeds = tuple(cfg.seeds or (cfg.seed or 0,))
     for name, values in (("seed", seeds), ("alpha", cfg.alphas), ("task", cfg.tasks)):
-        if values and getattr(cfg, name, None) not in (None, values[0]):  # --seed 1 = --seeds 1
+        # --seed 1 = --seeds 1 (there is no --task: a task sits in --env, checked below)
+        if values and getattr(cfg, name, None) not in (None, values[0]):
             raise UsageError(f"give --{name} or --{name}s, not both")
         if values and len(set(values)) < len(values):
             raise UsageError(f"--{name}s has a value twice: {' '.join(map(str, values))}")
     if cfg.alphas:
         filled["alpha"] = cfg.alphas[0]
-    if cfg.tasks and ("-singletask" not in env_name or re.search(r"-task\d", cfg.env)):
-        raise UsageError(f"--tasks is for OGBench envs named without a task (ogbench-cube-single, "
-                         f"not ogbench-cube-single-task2); {cfg.env} is not one")
     if cfg.tasks:  # the grid's env: one of OGBench's single-task envs, its task left out
+        if "-singletask" not in env_name or re.search(r"-task\d", cfg.env):
+            raise UsageError(f"--tasks is for OGBench envs named without a task "
+                             f"(ogbench-cube-single, not ogbench-cube-single-task2); {cfg.env} "
+                             "is not one")
         env_name = re.sub(r"-task\d+-v0$", "-v0", env_name)
     # each agent's folder (agent_runs fills it in) names the axes given as lists, and its seed
     axes = "__".join(["task{task}"] * bool(cfg.tasks) + ["alpha{alpha}"] * bool(cfg.alphas) +
@@ -709,12 +721,6 @@ def resolve_config(cfg):
         raise UsageError("fine-tuning and --horizon > 1 are not supported on pixels: their "
                          "batches would hold stacked frames per step")
     return cfg
-
-
-def fill_run_dir(run_dir, task, alpha, seed):
-    """An agent's folder: its task, alpha and seed in the grid's run_dir."""
-    return run_dir.replace("{task}", str(task)).replace("{alpha}", f"{alpha:g}").replace(
-        "{seed}", str(seed))
 
 
 # ---- Datasets: OGBench and D4RL, moved to the device once; batches are sampled there -------------
@@ -795,8 +801,8 @@ def load_d4rl(name):
                          f"delete it to download it again, or download {url} into {directory} (or "
                          "set D4RL_DATASET_DIR)") from None
 
-    # d4rl.qlearning_dataset: row i goes to row i + 1; the last step of a timed-out episode is
-    # dropped
+    # d4rl.qlearning_dataset: s' of row i is row i + 1's s; the last step of a timed-out episode
+    # is dropped
     keep = columns["timeouts"][:-1] == 0
     columns["next_observations"] = columns["observations"][1:]
     dataset = {k: v[: len(keep)][keep] for k, v in columns.items() if k != "timeouts"}
@@ -810,6 +816,8 @@ def load_d4rl(name):
         dataset["rewards"] = dataset["rewards"] - 1.0
     else:
         ends |= dataset["terminals"][:-1] > 0
+    # from here on `terminals` are the episodes' ends (QC's windows stop there), not the MDP's
+    # terminations, which the masks keep
     dataset["terminals"] = np.append(ends, True).astype(np.float32)
     return dataset
 
@@ -818,8 +826,8 @@ def to_device(dataset, device, frame_stack=None, sparse=False):
     """What the update needs, on the device, as float32 transitions (with `terminals`, the
     episodes' ends, for QC's windows). A compact pixel dataset (OGBench's layout for visual-* envs:
     each frame once, s' in the next row) keeps its uint8 frames once, and each transition the rows
-    of its frame_stack + 1 frames: the first frame_stack make s, the last make s' (before an
-    episode starts, its first frame stands in)."""
+    of its frame_stack + 1 frames: frames 0..frame_stack-1 make s, frames 1..frame_stack make s'
+    (before an episode starts, its first frame stands in)."""
     rows = slice(None)
     keys = ["actions", "rewards", "masks", "terminals", "observations", "next_observations"]
     data = {}
@@ -832,11 +840,11 @@ def to_device(dataset, device, frame_stack=None, sparse=False):
                                 episode_start[rows, None])
         data["frames"] = torch.as_tensor(dataset["observations"], device=device)
         data["frame_rows"] = torch.as_tensor(frame_rows, device=device)
-        keys = keys[:3]
+        keys = keys[:3]  # actions, rewards, masks: frames stand for the observations
     for k in keys:
         if k in dataset:
             data[k] = torch.as_tensor(np.asarray(dataset[k][rows], dtype=np.float32), device=device)
-    for k in ("rewards", "masks"):  # a column per task (one but for a grid's OGBench tasks)
+    for k in ("rewards", "masks"):  # a column per task: one, unless a grid trains several
         data[k] = data[k].reshape(len(data[k]), -1)
     # as the official code: the flow never has to reach exactly +-1
     data["actions"] = data["actions"].clamp(-1 + 1e-5, 1 - 1e-5)
@@ -850,7 +858,7 @@ def sample_batch(data, batch_size, generators=(None,), tasks=(0,), p_aug=None, c
     draws its own rows, then one gather per array serves every agent, on the device; agent k's
     rewards and masks come from column tasks[k]. With cfg.horizon > 1, windows of that many rows
     (`gather`). Pixels: the frames are stacked along the channels, oldest first, then randomly
-    shifted with probability p_aug."""
+    shifted with probability p_aug (train passes cfg.p_aug; validation batches are not shifted)."""
     horizon = cfg.horizon if cfg else 1
     starts = torch.stack([
         torch.randint(len(data["actions"]) - horizon + 1, (batch_size,), generator=g,
@@ -861,7 +869,8 @@ def sample_batch(data, batch_size, generators=(None,), tasks=(0,), p_aug=None, c
     batch = gather(data, starts[..., None] + torch.arange(horizon, device=starts.device), tasks,
                    cfg)
     if "frames" in data:
-        frames = data["frames"][batch.pop("frame_rows")]  # (agents, batch, frames + 1, H, W, C)
+        # (agents, batch, frame_stack + 1, height, width, channels)
+        frames = data["frames"][batch.pop("frame_rows")]
         batch["observations"] = frames[:, :, :-1].movedim(2, -2).flatten(-2)
         batch["next_observations"] = frames[:, :, 1:].movedim(2, -2).flatten(-2)
         if p_aug:
@@ -945,9 +954,9 @@ def write_atomically(path, write, rename=True):
 
 
 def save_checkpoints(agent, step, runs, online=None):
-    """Each agent's checkpoint.pt (with its fine-tuning state, from `online`), unless its
-    parameters diverged: all written to temporary files first, then renamed, so that a kill
-    leaves the previous ones whole."""
+    """Each agent's checkpoint.pt (with its fine-tuning state, from `online`): all written to
+    temporary files first, then renamed, so that a kill leaves the previous ones whole. If any
+    agent's parameters are not finite, the run stops before writing any."""
     for run, params in zip(runs, zip(*agent.params.values())):  # one host synchronisation each
         if not torch.stack([p.isfinite().all() for p in params]).all():
             stop_diverged(f"its parameters are not finite at step {step}", run.run_dir)
@@ -971,7 +980,8 @@ def read_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails in many ways on a truncated or foreign file
         code = re.search(r"GLOBAL (\S+)|but got (<[^>]+>)", str(err))  # what a pickle would run
-        if code:  # (fql.py before 2026-11-29 kept numpy's random state as an array: use that one)
+        if code:  # (fql.py before 2026-11-29 kept numpy's random state as an array: such a
+            # checkpoint loads with that fql.py)
             raise UsageError(f"{path} is not a checkpoint of fql.py: it holds Python objects "
                              f"({code[1] or code[2]}), and loading them could run code") from None
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}; truncated?); "
@@ -1032,7 +1042,7 @@ class RunLog:
 
     def __init__(self, cfg, runs, start, total_steps):
         self.runs = runs
-        self.rows = {}  # each file's
+        self.rows = {}  # CSV path: its rows
         for path in (os.path.join(run.run_dir, name) for run in runs for name in ("train.csv",
                                                                                    "eval.csv")):
             self.rows[path] = []
@@ -1079,8 +1089,8 @@ class RunLog:
             for key, value in row.items():
                 if not math.isfinite(value):
                     stop_diverged(f"{key} is {value} at step {step}", run.run_dir)
-        for run, row in zip(self.wandb, rows):
-            run.log(row, step=step)
+        for wandb_run, row in zip(self.wandb, rows):
+            wandb_run.log(row, step=step)
 
 
 def stop_diverged(what, run_dir):
@@ -1093,14 +1103,20 @@ def stop_diverged(what, run_dir):
 def agent_runs(cfg):
     """Each agent's run: the config its run alone has (--env <env>-task<t> --alpha <a> --seed <s>),
     in its own folder; or one clear line, before anything is loaded or written, if a folder holds
-    another run. With --resume, a grid killed between its checkpoints' renames is mended: every
-    .tmp was whole before the first agent's was renamed."""
+    another run. With --resume, a grid killed between its checkpoints' renames is mended: once
+    the first agent's .tmp is gone, the renames had begun, so every .tmp left is a whole checkpoint
+    of the same step, and is renamed."""
     runs = []
-    for task, alpha, seed in agent_grid(cfg):
-        task = cfg.tasks[task] if cfg.tasks else None
+    for column, alpha, seed in agent_grid(cfg):
+        task = cfg.tasks[column] if cfg.tasks else None
         env = re.sub(r"-v0$", f"-task{task}-v0", cfg.env) if task else cfg.env
+        # its folder: its task, alpha and seed in the grid's run_dir
+        run_dir = cfg.run_dir.replace("{task}", str(task)).replace("{alpha}", f"{alpha:g}")
         run = replace(cfg, env=env, tasks=None, alpha=alpha, alphas=None, seed=seed, seeds=(seed,),
-                      run_dir=fill_run_dir(cfg.run_dir, task, alpha, seed))
+                      run_dir=run_dir.replace("{seed}", str(seed)))
+        if run.run_dir in [other.run_dir for other in runs]:
+            raise UsageError(f"--run_dir {cfg.run_dir} gives two agents one folder: name each "
+                             "axis of the grid in it ({task}, {alpha}, {seed})")
         if os.path.exists(run.checkpoint) and not cfg.resume:
             raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or "
                              "another --run_dir")
@@ -1155,6 +1171,7 @@ def train(cfg, evaluate=None, finetuning=None):
     validations = [partial(sample_batch, split, cfg=cfg) for split in splits[1:]]
     online = finetuning(cfg, runs, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
+    # (a CUDA graph records at its first call, so after open_run has loaded Adam's state)
     start = open_run(cfg, runs, agent, online)
     where = runs[0].run_dir if len(runs) == 1 else cfg.run_dir  # a grid's: its folders' pattern
     print(f"FQL on {cfg.env}, alpha {cfg.alphas or cfg.alpha}, in {where}")
@@ -1174,7 +1191,10 @@ def train(cfg, evaluate=None, finetuning=None):
                 online.collect(agent.act)
                 metrics = online_step(with_metrics)
 
-            if with_metrics:  # the only host synchronisation between steps
+            if with_metrics:  # the only host synchronisation of an offline step
+                # validation batches and noise come from the agents' own generators, so the
+                # random streams depend on --log_interval; `metrics` may be a CUDA graph's
+                # outputs, whose validation keys are rewritten at every log
                 for validation in validations:
                     with torch.no_grad():
                         _, val_metrics = agent.losses_eager(*agent.draw(validation), True)
