@@ -705,7 +705,9 @@ def benchmark(cfg, shapes=None, seconds=3.0):
     shape, action size)); then, for the env's own state shapes, env steps/s of the online loop:
     every agent's environment one step (worker processes) and one batched policy call. Returns
     {(mode, agents): steps/s}."""
-    cfg = replace(fql.resolve_config(cfg), run_dir=os.devnull, online_steps=10**5)  # writes nothing
+    # writes nothing: every agent's folder inside /dev/null
+    cfg = replace(fql.resolve_config(cfg), run_dir=os.devnull + "/{task}_{alpha}_{seed}",
+                  online_steps=10**5)
     observation_shape, action_dim = shapes or env_shapes(cfg.env)
     rng = np.random.default_rng(cfg.seed)
     pixels = len(observation_shape) == 3
