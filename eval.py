@@ -301,7 +301,13 @@ class Rollouts:
             generators = [g if c else torch.Generator() for g, c in zip(self.generators, calling)]
             blocks = self.observations.reshape(self.agents, -1, *self.observations.shape[1:])
             action_size = self.vector_env.single_action_space.shape[0]
+            # One CPU thread: torch's threads busy-wait between calls and would take the cores
+            # the environment workers need (half the speed on 2 cores). Always one, also where
+            # the updates use them all: a compiled policy recompiles when their number changes
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             chunks = policy(blocks, generators).reshape(len(calling), -1, action_size)
+            torch.set_num_threads(threads)
             for k in np.flatnonzero(calling):
                 self.queues[k] = list(np.clip(chunks[k], -1, 1))
         observations = self.observations
@@ -322,21 +328,14 @@ def evaluate(policy, vector_env, episodes, seeds, progress=None):
     block = vector_env.num_envs // len(seeds)
     episode = np.tile(np.arange(block), len(seeds)) - block  # each environment's, before the first
     finished = [[] for _ in seeds]  # (success, return, length) of each episode, per agent
-    # torch's CPU threads busy-wait between calls and would take the cores the environment workers
-    # need (half the speed on 2 cores); one thread is plenty for one batched policy call a step
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        while min(map(len, finished)) < episodes:
-            episode += block * rollouts.ended
-            *_, infos, _ = rollouts.step(policy, np.repeat(seeds, block) + episode)
-            for k in np.flatnonzero(rollouts.ended & (episode < episodes)):
-                success = float(infos["success"][k])
-                finished[k // block].append((success, rollouts.returns[k], rollouts.steps[k]))
-                if progress is not None:
-                    progress.update(1)
-    finally:
-        torch.set_num_threads(torch_threads)
+    while min(map(len, finished)) < episodes:
+        episode += block * rollouts.ended
+        *_, infos, _ = rollouts.step(policy, np.repeat(seeds, block) + episode)
+        for k in np.flatnonzero(rollouts.ended & (episode < episodes)):
+            success = float(infos["success"][k])
+            finished[k // block].append((success, rollouts.returns[k], rollouts.steps[k]))
+            if progress is not None:
+                progress.update(1)
     means = [np.mean(agent_episodes, axis=0).tolist() for agent_episodes in finished]
     return [dict(zip(("success", "return", "length"), mean)) for mean in means]
 

@@ -309,8 +309,7 @@ def draw_noise(batch_size, chunk_dim, device, generators=(None,)):
 
 def fql_losses(nets, batch, noise, alpha, cfg, with_metrics=False):
     """One agent's L_Q(phi) + L_Flow(theta) + L_pi(omega), to minimise, and the official metrics
-    ({} unless with_metrics). All randomness comes in `noise`. `alpha`: the agent's distillation
-    coefficient (cfg.alpha alone; in a grid, each agent's own value)."""
+    ({} unless with_metrics); all randomness comes in `noise`; `alpha`: the agent's own."""
     obs = batch["observations"]
     actions = batch["actions"]
 
@@ -401,13 +400,16 @@ class FQLAgent:
         # depend on its place in the grid, not as alone, bit for bit
         cuda = cfg.device.startswith("cuda")
         self.optimizer = torch.optim.Adam(trained, lr=cfg.lr, fused=cuda, capturable=cuda)
-        # torch.compile fuses the losses' forward and backward (shapes and config are fixed)
+        # torch.compile fuses the losses' forward and backward (shapes and config are fixed).
+        # fullgraph: a graph break, where the compiled code would hand back to Python in the middle
+        # of a step (and a CUDA graph could not hold it), is an error, not a silent slowdown
         self.losses = self.losses_eager
         self.policy = self.policy_eager
         if cfg.compile:
-            self.losses = torch.compile(self.losses_eager, dynamic=False)
+            self.losses = torch.compile(self.losses_eager, dynamic=False, fullgraph=True)
             # reduce-overhead: on CUDA the policy is replayed as a CUDA graph (no effect on a CPU)
-            self.policy = torch.compile(self.policy_eager, dynamic=False, mode="reduce-overhead")
+            self.policy = torch.compile(self.policy_eager, dynamic=False, fullgraph=True,
+                                        mode="reduce-overhead")
 
     def losses_eager(self, batch, noise, with_metrics=False):
         """The sum of the agents' losses, and each one's metrics: fql_losses mapped over agents."""
@@ -660,8 +662,8 @@ def resolve_env(name):
 
 def resolve_config(cfg):
     """Fill in what the user did not set (the env's defaults, the device, the seeds, the run_dir
-    pattern; a grid's env without its task), then check every value. Calling it again on its
-    result changes nothing (main and train both call it)."""
+    pattern; a grid's env without its task), then check every value (check_values). Calling it
+    again on its result changes nothing (main and train both call it)."""
     env_name, env_defaults = resolve_env(cfg.env)
     # the official agent's defaults, then the env's, where the user gave no value
     filled = {k: v for k, v in {**DEFAULTS, **env_defaults}.items() if getattr(cfg, k) is None}
@@ -693,8 +695,13 @@ def resolve_config(cfg):
     if len(agent_grid(cfg)) > 1 and "{" not in run_dir:
         run_dir += "/" + axes
     cfg = replace(cfg, run_dir=os.path.normpath(run_dir))
+    check_values(cfg)
+    return cfg
 
-    # nan fails every comparison, so these checks refuse it too
+
+def check_values(cfg):
+    """Each value of a resolved config in its range, and the flags that go together; nan fails
+    every comparison, so these checks refuse it too."""
     for rule, valid, names in (
         ("must be positive", lambda v: 0 < v < math.inf,
          "batch_size flow_steps horizon lr log_interval save_interval eval_episodes "
@@ -720,7 +727,6 @@ def resolve_config(cfg):
     if pixels and (cfg.online_steps or cfg.horizon > 1):
         raise UsageError("fine-tuning and --horizon > 1 are not supported on pixels: their "
                          "batches would hold stacked frames per step")
-    return cfg
 
 
 # ---- Datasets: OGBench and D4RL, moved to the device once; batches are sampled there -------------
@@ -729,6 +735,13 @@ def headless_mujoco():
     display, it tries GLFW and warns)."""
     if ctypes.util.find_library("EGL"):
         os.environ.setdefault("MUJOCO_GL", "egl")
+    # Mesa's OpenGL (EGL's software renderer) loads Mesa's LLVM into the process's global symbols.
+    # Triton (torch.compile and Adam import it) loaded after that binds its own LLVM's start-up
+    # code to Mesa's and dies by SIGSEGV; loaded before MuJoCo, it keeps its own
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # torch's CPU build comes without Triton
+        pass
 
 
 def load_datasets(env_names, dataset_dir):
@@ -1146,6 +1159,29 @@ def open_run(cfg, runs, agent, online):
     return start
 
 
+def device_splits(cfg, runs):
+    """The runs' train and validation splits (OGBench's; D4RL has no validation split), each one
+    copy on the device shared by all agents, with a column of rewards and masks per task."""
+    splits = load_datasets(list(dict.fromkeys(run.env for run in runs)), cfg.dataset_dir)
+    splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse)
+              for split in splits if split]
+    if min(len(split["actions"]) for split in splits) < cfg.horizon:
+        raise UsageError(f"--horizon {cfg.horizon} is longer than a split of {cfg.env}'s dataset")
+    return splits
+
+
+def validation_metrics(agent, validation_data):
+    """The losses on a validation batch, each agent's, as "validation/..." metrics. Its batch and
+    noise come from the agents' own generators, so the random streams depend on --log_interval."""
+    metrics = {}
+    for split in validation_data:
+        with torch.no_grad():
+            batch, noise = agent.draw(partial(sample_batch, split, cfg=agent.cfg))
+            _, split_metrics = agent.losses_eager(batch, noise, True)
+        metrics |= {f"validation/{k}": v for k, v in split_metrics.items()}
+    return metrics
+
+
 def train(cfg, evaluate=None, finetuning=None):
     """Algorithm 1 for every agent of cfg: offline steps, then with --online_steps fine-tuning.
     eval.py gives the env side (without it, no evaluation): `evaluate(policy, runs, step)` -> a
@@ -1157,18 +1193,10 @@ def train(cfg, evaluate=None, finetuning=None):
     # TF32 matmuls on the GPU, as JAX does by default
     torch.set_float32_matmul_precision("high" if cfg.device.startswith("cuda") else "highest")
 
-    # one copy on the device, shared by all agents; a column of rewards and masks per task
-    splits = load_datasets(list(dict.fromkeys(run.env for run in runs)), cfg.dataset_dir)
-    splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse)
-              for split in splits if split]
-    if min(len(split["actions"]) for split in splits) < cfg.horizon:
-        raise UsageError(f"--horizon {cfg.horizon} is longer than a split of {cfg.env}'s dataset")
-    train_data = splits[0]
+    train_data, *validation_data = device_splits(cfg, runs)
     agent = make_agent(cfg, stacked_shape(train_data), train_data["actions"].shape[1])
     offline_step = make_train_step(agent, partial(sample_batch, train_data, p_aug=cfg.p_aug,
                                                   cfg=cfg))
-    # the validation split's losses (OGBench's; D4RL has none)
-    validations = [partial(sample_batch, split, cfg=cfg) for split in splits[1:]]
     online = finetuning(cfg, runs, train_data) if cfg.online_steps else None
     online_step = make_train_step(agent, online.sample) if online else None
     # (a CUDA graph records at its first call, so after open_run has loaded Adam's state)
@@ -1192,13 +1220,9 @@ def train(cfg, evaluate=None, finetuning=None):
                 metrics = online_step(with_metrics)
 
             if with_metrics:  # the only host synchronisation of an offline step
-                # validation batches and noise come from the agents' own generators, so the
-                # random streams depend on --log_interval; `metrics` may be a CUDA graph's
-                # outputs, whose validation keys are rewritten at every log
-                for validation in validations:
-                    with torch.no_grad():
-                        _, val_metrics = agent.losses_eager(*agent.draw(validation), True)
-                    metrics |= {f"validation/{k}": v for k, v in val_metrics.items()}
+                # (`metrics` may be a CUDA graph's outputs, whose validation keys are rewritten
+                # at every log)
+                metrics |= validation_metrics(agent, validation_data)
                 log.train(step, metrics,
                           online.log() if step > cfg.offline_steps else [{}] * len(runs))
 

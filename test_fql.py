@@ -5,6 +5,7 @@ Run: python -m pytest -q test_fql.py                  (everything, as CI does)
 """
 import copy
 import csv
+import ctypes.util
 import dataclasses
 import functools
 import itertools
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 import warnings
@@ -26,14 +28,24 @@ import pytest
 import torch
 import tyro
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import eval as fql_eval
 import fql
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# torch.compile keeps 8 compilations of a function per process (fullgraph=True: a 9th is an error); a run needs 2 to
+# 4, this suite compiles the same functions for dozens of configs
+torch._dynamo.config.recompile_limit = 256
 with warnings.catch_warnings():  # pytest knows marks from its ini files, which this project has none of
     warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
     slow = pytest.mark.slow  # compiles, steps environments or runs the scripts: not in the quick tier
+    gpu_mark = pytest.mark.gpu  # `python -m pytest -m gpu test_fql.py` runs exactly these
+
+
+def gpu(test):
+    """A GPU test: marked gpu, skipped without CUDA. The whole set runs in a few minutes on one GPU."""
+    return gpu_mark(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 SMALL = ("--actor_hidden_dims", "32", "32", "--value_hidden_dims", "32", "32")
 COMPILED = dict(flow_steps=2)  # the tests that compile share this config and their shapes: each compilation takes
@@ -718,6 +730,170 @@ def test_bc_flow_keeps_both_modes_and_one_step_policy_picks_the_better():
 
 
 # ----------------------------------------------------------------------------------------------
+# The GPU path, proven on a CPU: a recorded step never waits for the device nor reads host data
+# ----------------------------------------------------------------------------------------------
+aten = torch.ops.aten
+HOST_READS = {  # ops whose result the host must wait for: a CUDA graph cannot record them
+    aten._local_scalar_dense.default: "a device value read on the host (.item(), float(), int(), bool())",
+    aten.nonzero.default: "nonzero (its shape depends on the data)",
+    aten.masked_select.default: "masked_select (its shape depends on the data)",
+    aten.equal.default: "torch.equal (a host bool)",
+    aten.lift_fresh.default: "a tensor made from host data (torch.tensor, torch.as_tensor, from_numpy): a CUDA graph "
+                             "replays the value it recorded",
+}
+HOST_COPIES = {"item", "tolist", "cpu", "numpy", "__array__"}  # (on a CPU these reach no dispatched op)
+
+
+def project_line() -> str:
+    """The innermost line of this project's files on the stack, as file:line code."""
+    for frame in reversed(traceback.extract_stack()):
+        checker = frame.name in ("project_line", "__torch_dispatch__", "__torch_function__")
+        if os.path.basename(frame.filename) in ("fql.py", "eval.py", "test_fql.py") and not checker:
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} {frame.line}"
+    return "?"
+
+
+def in_adam() -> bool:
+    """Called from torch.optim: Adam on a CPU cannot be capturable and reads its step counters on the host; on CUDA
+    it is capturable (FQLAgent) and the CUDA-graph tests replay it."""
+    frame = sys._getframe(2)
+    while frame and f"torch{os.sep}optim{os.sep}" not in frame.f_code.co_filename:
+        frame = frame.f_back
+    return frame is not None
+
+
+class DeviceOnly(TorchDispatchMode):
+    """Fails, naming the op and the line, on every op that makes the host wait for the device or brings in host data;
+    records every other op with its arguments that are not tensors (their shapes, Python numbers), so that two steps
+    can be compared: a CUDA graph replays the ops, shapes and numbers of the step it recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not in_adam():
+            problem = HOST_READS.get(func)
+            indices = args[1] if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) else []
+            if any(index is not None and index.dtype == torch.bool for index in indices):
+                problem = "boolean-mask indexing (its shape depends on the data)"
+            assert problem is None, f"{problem}: {func} at {project_line()}"
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            self.ops.append((str(func), [tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in leaves]))
+        return func(*args, **kwargs)
+
+
+class NoHostCopies(torch.overrides.TorchFunctionMode):
+    """Fails on .item(), .tolist(), .cpu(), .numpy() of a tensor: on a GPU each waits for the device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        assert name not in HOST_COPIES or in_adam(), f"Tensor.{name}() at {project_line()}"
+        return func(*args, **(kwargs or {}))
+
+
+def assert_steps_stay_on_device(step, between):
+    """step() once (as CUDAGraphStep's warm-up: Adam's state is made there), then twice under DeviceOnly and
+    NoHostCopies, `between()` before each (a buffer grows): the two must run the same ops on the same shapes and
+    numbers, as a CUDA graph's replay of the first would."""
+    step()
+    steps = []
+    for _ in range(2):
+        between()
+        with NoHostCopies(), DeviceOnly() as mode:
+            step()
+        steps.append(mode.ops)
+    assert len(steps[0]) > 100 and steps[0] == steps[1]
+
+
+def grid_data(n=200, tasks=2, device="cpu"):
+    """A window_dataset on the device with a column of rewards and masks per task."""
+    dataset = window_dataset(n, action_dim=3)
+    dataset["rewards"] = np.stack([dataset["rewards"] * (1 - task) for task in range(tasks)], 1)
+    dataset["masks"] = np.stack([dataset["masks"]] * tasks, 1)
+    return fql.to_device(dataset, device)
+
+
+STEP_VARIANTS = {  # each one's config on a grid of 2 tasks x 2 alphas x 2 seeds; "online": fine-tuning's buffer
+    "H1": dict(), "H5": dict(horizon=5), "FQL-n": dict(horizon=5, action_chunking=False),
+    "online H1": dict(online_steps=10), "online H5": dict(online_steps=10, horizon=5),
+    "online balanced": dict(online_steps=10, balanced_sampling=True),
+    "pixels": dict(env="ogbench-visual-cube-single", encoder="impala_debug", frame_stack=3, p_aug=0.5),
+}
+
+
+@pytest.mark.parametrize("with_metrics", [False, True], ids=["", "metrics"])
+@pytest.mark.parametrize("variant", STEP_VARIANTS)
+def test_a_training_step_never_waits_for_the_device_nor_reads_host_data(variant, with_metrics):
+    """One training step of each kind, eager, as a CUDA graph records it: no op makes the host wait for the device
+    (.item(), float(), nonzero, a mask index, .tolist(), .cpu()), no tensor comes from host data, and two steps
+    (the buffer growing between them) run the same ops on the same shapes and numbers. What a step needs that does
+    not change (the agents' task columns, index tensors) is on the device before it."""
+    cfg = fql.resolve_config(make_config(tasks=(1, 3), alphas=(3.0, 30.0), seeds=(0, 1), **STEP_VARIANTS[variant]))
+    agents = len(fql.agent_grid(cfg))
+    if cfg.encoder:
+        data, _ = compact_pixels([30, 40])
+        data = dict(data, rewards=data["rewards"].expand(-1, 2), masks=data["masks"].expand(-1, 2))
+    else:
+        data = grid_data()
+    agent = fql.make_agent(cfg, fql.stacked_shape(data), 3 if not cfg.encoder else 2)
+    sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug, cfg=cfg)
+    between = lambda: None  # noqa: E731
+    if cfg.online_steps:
+        offline = {k: v[:0] for k, v in data.items()} if cfg.balanced_sampling else data
+        buffer = fql_eval.ReplayBuffer(offline, agents, cfg.online_steps, cfg)
+        sample = functools.partial(fql_eval.sample_balanced, data, buffer) if cfg.balanced_sampling else buffer.sample
+        rng = np.random.default_rng(0)
+
+        def between():  # one online transition for each agent, as Finetuning.collect adds them
+            buffer.add(dict(observations=rng.normal(size=(agents, 2)), actions=rng.uniform(-1, 1, (agents, 3)),
+                            rewards=-np.ones((agents, 1)), masks=np.ones((agents, 1)), terminals=np.zeros(agents),
+                            next_observations=rng.normal(size=(agents, 2))))
+        for _ in range(cfg.horizon):
+            between()
+    assert_steps_stay_on_device(lambda: agent.train_step(sample, with_metrics), between)
+
+
+@pytest.mark.parametrize("mutation,expected", [
+    ("float(loss) in the update", r"_local_scalar_dense.* at test_fql.py:\d+ float\(loss"),
+    ("tasks as a tuple, not a tensor", r"lift_fresh.* at fql.py:\d+ task = torch.as_tensor\(tasks"),
+    (".item() in the buffer's sample", r"Tensor.item\(\) at test_fql.py:\d+ buffer.size.item\(\)"),
+    ("a Python number that grows with the buffer", r"assert .* == "),
+], ids=["float(loss)", "tasks tuple", "buffer .item()", "growing number"])
+def test_the_device_check_sees_each_kind_of_host_traffic(mutation, expected):
+    """The check above fails on a host read or host data brought into a step, naming it, and on a Python number
+    that changes from step to step (which a CUDA graph would replay frozen)."""
+    cfg = fql.resolve_config(make_config(seeds=(0, 1), online_steps=10))
+    agent = fql.make_agent(cfg, (2,), 3)
+    buffer = fql_eval.ReplayBuffer(grid_data(tasks=1), 2, 10, cfg)
+    real_losses, real_sample = agent.losses, buffer.sample
+
+    def losses(*args):
+        loss, metrics = real_losses(*args)
+        float(loss.detach())
+        return loss, metrics
+
+    def sample(*args):
+        if mutation.startswith(".item()"):
+            buffer.size.item()
+        batch = real_sample(*args)
+        if mutation.startswith("a Python number"):
+            batch["rewards"] = batch["rewards"] - buffer.added
+        return batch
+
+    def between():
+        buffer.add(dict(observations=np.zeros((2, 2)), actions=np.zeros((2, 3)), rewards=np.zeros((2, 1)),
+                        masks=np.ones((2, 1)), terminals=np.zeros(2), next_observations=np.zeros((2, 2))))
+    if mutation.startswith("float"):
+        agent.losses = losses
+    if mutation.startswith("tasks"):
+        agent.tasks = (0, 0)  # torch.as_tensor of it in every step
+    with pytest.raises(AssertionError, match=expected):
+        assert_steps_stay_on_device(lambda: agent.train_step(sample), between)
+
+
+# ----------------------------------------------------------------------------------------------
 # A real OGBench environment: tiny dataset, CLI run, evaluation, checkpoints, resume
 # ----------------------------------------------------------------------------------------------
 def write_cube_dataset(directory, train_episodes=3, val_episodes=1, steps=100, seed=0):
@@ -1257,7 +1433,7 @@ def test_benchmark_times_the_online_loop_of_one_agent_and_a_grid(capsys):
     assert all(rate > 0 for rate in results.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu
 def test_cuda_graph_replay_equals_eager_update():
     torch.manual_seed(0)
     cfg = make_config(device="cuda", compile=True)
@@ -1277,7 +1453,7 @@ def test_cuda_graph_replay_equals_eager_update():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu
 def test_cuda_graph_of_a_seed_group_draws_fresh_batches_and_equals_eager():
     """The recorded step of a 3-seed group draws each seed's batch and noise from its own generator at
     every replay, as the same group run eagerly does, and the compiled policy maps every seed."""
@@ -1301,7 +1477,7 @@ def test_cuda_graph_of_a_seed_group_draws_fresh_batches_and_equals_eager():
         assert actions.shape == (3, 4, 3) and np.abs(actions).max() <= 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu
 def test_a_cpu_checkpoint_resumes_on_cuda_with_a_cuda_graph(cube_data, tmp_path):
     """Adam's flags follow the device (capturable on CUDA), and the CPU generator's stream gives way to a new one."""
     run_cli(cube_data, tmp_path, "--offline_steps", "20", "--batch_size", "32", "--log_interval", "10",
@@ -1311,6 +1487,149 @@ def test_a_cpu_checkpoint_resumes_on_cuda_with_a_cuda_graph(cube_data, tmp_path)
     assert agent.optimizer.param_groups[0]["capturable"] and agent.generators[0].device.type == "cuda"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 40
     assert [r["step"] for r in read_csv(tmp_path / "train.csv")] == ["10", "20", "30", "40"]
+
+
+def graphed_and_eager(cfg, data_shape, action_dim):
+    """A compiled, CUDA-graphed grid and the same grid eager (same seeds: the same start), full float32 matmuls."""
+    torch.set_float32_matmul_precision("highest")
+    graphed = fql.make_agent(cfg, data_shape, action_dim)
+    eager = fql.make_agent(dataclasses.replace(cfg, compile=False, cuda_graph=False), data_shape, action_dim)
+    return graphed, eager
+
+
+def assert_replays_equal_eager(graphed, eager, graphed_sample, eager_sample, between=lambda: None, steps=5):
+    """`steps` steps of each (the graph's first call runs eagerly and records, the others replay), with and without
+    metrics, `between()` before each: the same metrics and, at the end, the same parameters."""
+    step = fql.make_train_step(graphed, graphed_sample)
+    losses = set()
+    for i in range(steps):
+        between()
+        with_metrics = i % 2 == 0
+        want = eager.train_step(eager_sample, with_metrics)
+        got = step(with_metrics)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"step {i} {key}")
+        if with_metrics:
+            losses.add(tuple(got["critic/critic_loss"].tolist()))
+    assert len(losses) == (steps + 1) // 2  # a new batch and new noise at every replay
+    for name, p in eager.params.items():
+        torch.testing.assert_close(graphed.params[name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@gpu
+@pytest.mark.parametrize("flags", [dict(), dict(horizon=5), dict(horizon=5, action_chunking=False)],
+                         ids=["H1", "H5", "FQL-n"])
+def test_cuda_graph_of_a_grid_equals_eager(flags):
+    """A grid of 2 tasks x 2 alphas x 2 seeds recorded as one CUDA graph trains as the same grid eager."""
+    cfg = fql.resolve_config(make_config(device="cuda", compile=True, tasks=(1, 3), alphas=(3.0, 30.0), seeds=(0, 1),
+                                         flow_steps=2, **flags))
+    data = grid_data(device="cuda")
+    graphed, eager = graphed_and_eager(cfg, (2,), 3)
+    sample = functools.partial(fql.sample_batch, data, cfg=cfg)
+    assert_replays_equal_eager(graphed, eager, sample, sample)
+
+
+@gpu
+def test_cuda_graph_of_pixels_equals_eager():
+    """Pixels (frames on the device, stacked and randomly shifted inside the recorded step) train as eager."""
+    cfg = fql.resolve_config(make_config(device="cuda", compile=True, seeds=(0, 1), env="ogbench-visual-cube-single",
+                                         encoder="impala_debug", frame_stack=3, p_aug=0.5, flow_steps=2))
+    data = {k: v.cuda() for k, v in compact_pixels([30, 40])[0].items()}
+    graphed, eager = graphed_and_eager(cfg, fql.stacked_shape(data), 2)
+    sample = functools.partial(fql.sample_batch, data, p_aug=cfg.p_aug, cfg=cfg)
+    assert_replays_equal_eager(graphed, eager, sample, sample)
+
+
+@gpu
+@pytest.mark.parametrize("flags", [dict(horizon=5), dict(balanced_sampling=True)], ids=["H5", "balanced"])
+def test_cuda_graph_of_the_online_grid_replays_while_its_buffer_grows(flags):
+    """Fine-tuning's step of a grid, recorded once: each replay samples each agent's buffer at its current size (on
+    the device), as eager does while the buffer grows by a row per agent and step."""
+    cfg = fql.resolve_config(make_config(device="cuda", compile=True, tasks=(1, 3), seeds=(0, 1), online_steps=20,
+                                         flow_steps=2, **flags))
+    data = grid_data(device="cuda")
+    graphed, eager = graphed_and_eager(cfg, (2,), 3)
+    offline = {k: v[:0] for k, v in data.items()} if cfg.balanced_sampling else data
+    buffers = [fql_eval.ReplayBuffer(offline, 4, cfg.online_steps, cfg) for _ in range(2)]
+    samples = [functools.partial(fql_eval.sample_balanced, data, buffer) if cfg.balanced_sampling else buffer.sample
+               for buffer in buffers]
+    rng = np.random.default_rng(0)
+
+    def between():
+        rows = dict(observations=rng.normal(size=(4, 2)), actions=rng.uniform(-1, 1, (4, 3)),
+                    rewards=-np.ones((4, 1)), masks=np.ones((4, 1)), terminals=np.zeros(4),
+                    next_observations=rng.normal(size=(4, 2)))
+        for buffer in buffers:
+            buffer.add(rows)
+    for _ in range(cfg.horizon):
+        between()
+    assert_replays_equal_eager(graphed, eager, *samples, between, steps=9)
+    assert buffers[0].added == cfg.horizon + 9
+
+
+@gpu
+def test_compiled_policy_on_cuda_acts_as_the_eager_one():
+    """act() of the compiled policy (its CUDA graphs replayed from the third call on) gives the eager policy's
+    actions for the same noise generators, call after call, in each shape it is called with."""
+    cfg = fql.resolve_config(make_config(device="cuda", compile=True, seeds=(0, 1)))
+    graphed, eager = graphed_and_eager(cfg, (7,), 3)
+    rng = np.random.default_rng(0)
+    for shape in [(2, 4, 7)] * 4 + [(2, 1, 7)] * 4:
+        observations = rng.normal(size=shape).astype(np.float32)
+        rows = shape[0] * shape[1]
+        got = graphed.act(observations, generators(rows))
+        want = eager.act(observations, generators(rows))
+        assert got.shape == (*shape[:2], 3)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+@slow
+def test_sigterm_on_cuda_saves_and_resumes_to_the_straight_run(cube_data, tmp_path):
+    """A compiled, CUDA-graphed grid on the GPU stopped by SIGTERM saves the step it is in; the same command with
+    --resume ends where the run never stopped ends (up to the GPU's nondeterminism)."""
+    def command(run_dir):
+        return [sys.executable, "fql.py", "--dataset_dir", cube_data, "--run_dir", str(run_dir), "--seeds", "0", "1",
+                "--offline_steps", "2000", "--log_interval", "10", "--save_interval", "5000", "--eval_interval", "0",
+                "--batch_size", "64", "--device", "cuda", *SMALL, "--resume"]
+
+    environment = {**os.environ, **OFFLINE}
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(command(stopped), cwd=HERE, env=environment, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    train_csv = stopped / "seed0" / "train.csv"
+    while process.poll() is None and not (train_csv.exists() and len(read_csv(train_csv)) >= 5):
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and "stopped by SIGTERM at step" in stderr, stderr[-3000:]
+    step = fql.read_checkpoint(str(stopped / "seed0" / "checkpoint.pt"))["step"]
+    assert 50 <= step < 2000
+    for run_dir in (stopped, tmp_path / "straight"):
+        finished = subprocess.run(command(run_dir), cwd=HERE, env=environment, capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    for seed in (0, 1):
+        want, got = (fql.read_checkpoint(str(run / f"seed{seed}" / "checkpoint.pt"))
+                     for run in (tmp_path / "straight", stopped))
+        assert got["step"] == want["step"] == 2000
+        for name, p in want["nets"].items():
+            torch.testing.assert_close(got["nets"][name], p, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@gpu
+@slow
+@pytest.mark.parametrize("grid", [("--seeds", *map(str, range(8))), ("--tasks", "1", "2", "3", "4", "5", "--seeds",
+                                                                      *map(str, range(8)))], ids=["8", "40"])
+def test_benchmark_of_1_8_and_40_agents_on_cuda(grid, capsys):
+    """--benchmark on the GPU (every mode, the CUDA graph's included; one agent and a grid of 8 or 40) prints a
+    finite rate for each."""
+    cfg = fql.resolve_config(tyro.cli(fql.Config, args=["--device", "cuda", *SMALL, *grid], use_underscores=True))
+    results = fql_eval.benchmark(cfg, seconds=0.5)
+    agents = len(fql.agent_grid(cfg))
+    assert {mode for mode, _ in results} == {"eager", "compile", "compile + CUDA graph", "online loop"}
+    assert {count for _, count in results} == {1, agents}
+    assert all(math.isfinite(rate) and rate > 0 for rate in results.values()), results
+    assert f"{agents:.0f} agents" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2308,6 +2627,48 @@ print("loaded:", sorted(BLOCKED & {m.split(".")[0] for m in sys.modules}))
     assert "loaded: []" in result.stdout
 
 
+@slow
+def test_each_compiled_function_compiles_once_for_each_shape_it_is_called_with(cube_data, tmp_path, monkeypatch):
+    """A compiled run of a grid that crosses every boundary (log steps with validation, an evaluation, the end of the
+    offline phase, an online buffer that grows at every step, a resumed run) compiles the losses once with and once
+    without metrics and the policy once for each shape of its input (the evaluation's, fine-tuning's), never again:
+    no recompilation, and no graph break (fullgraph=True makes one an error)."""
+    real_compile = torch.compile
+    compiled = {}  # the compiled function's name: its compilations, the signatures it was called with
+
+    def counting_compile(fn, **options):
+        """torch.compile as fql.py calls it, whose backend counts the graphs that dynamo hands it (and runs them as
+        they are: dynamo's guards decide on recompilations whatever the backend); one backend for each function, so
+        that the resumed run's agent reuses what this process compiled, as the same shapes should."""
+        record = compiled.setdefault(fn.__name__, dict(graphs=0, signatures=set()))
+        if "backend" not in record:
+            def backend(graph, example_inputs):
+                record["graphs"] += 1
+                return graph.forward
+            record["backend"] = backend
+        options.pop("mode", None)  # reduce-overhead: inductor's CUDA graphs, nothing on a CPU
+        function = real_compile(fn, backend=record["backend"], **options)
+
+        def call(*args):
+            leaves = torch.utils._pytree.tree_leaves(args)
+            record["signatures"].add(tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in leaves))
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    flags = ["--env", "ogbench-cube-single", "--dataset_dir", cube_data, "--run_dir", str(tmp_path / "run"),
+             "--seeds", "0", "1", "--offline_steps", "6", "--log_interval", "2", "--eval_interval", "3",
+             "--save_interval", "4", "--eval_episodes", "2", "--batch_size", "16", *SMALL, "--flow_steps", "2",
+             "--resume"]
+    fql.main([*flags, "--online_steps", "6"])
+    fql.main([*flags, "--online_steps", "12"])  # resumed at step 12
+    assert set(compiled) == {"losses_eager", "policy_eager"}
+    assert len(compiled["losses_eager"]["signatures"]) == 2  # with and without metrics
+    for name, record in compiled.items():
+        assert record["graphs"] == len(record["signatures"]), (name, record)
+    assert len(read_csv(tmp_path / "run" / "seed1" / "train.csv")) == 9
+
+
 # ----------------------------------------------------------------------------------------------
 # The scripts as users run them: subprocesses, with evaluation on (the default) and no network
 # ----------------------------------------------------------------------------------------------
@@ -2337,6 +2698,20 @@ def one_line_error(result, *named):
 
 def files_in(folder) -> dict:
     return {str(path): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@slow
+@pytest.mark.skipif(not ctypes.util.find_library("EGL"), reason="needs EGL, which MuJoCo renders through")
+def test_readmes_main_command_runs_where_mujoco_renders_through_mesas_egl(cube_data, tmp_path):
+    """README's first command (tiny flags; compiled, evaluation on) with MUJOCO_GL=egl, on a machine whose EGL is
+    Mesa's, exits 0 with a clean console. With Triton installed (as with PyPI's default torch, and in CI) it died by
+    SIGSEGV without a word: Triton, imported by Adam after MuJoCo's EGL had loaded Mesa's LLVM, ran into it."""
+    run_dir = tmp_path / "run"
+    result = script("fql.py", "--env", "ogbench-cube-single", "--alpha", "300", "--dataset_dir", cube_data,
+                    "--run_dir", str(run_dir), "--offline_steps", "2", "--eval_interval", "2", "--eval_episodes", "1",
+                    "--batch_size", "16", *SMALL, env=dict(MUJOCO_GL="egl"))
+    assert result.returncode == 0 and console(result) == [], (result.returncode, result.stderr[-3000:])
+    assert "step 2: success 0.000" in result.stdout and (run_dir / "checkpoint.pt").exists()
 
 
 @slow
