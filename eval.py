@@ -54,7 +54,25 @@ def make_env(env_name, frame_stack=None, **kwargs):
         return gymnasium.wrappers.TimeLimit(env, episode_length)
     if env_name in fql.D4RL:
         return make_adroit_env(env_name.split("-")[0], **kwargs)
+    if env_name.startswith("minari:"):
+        return make_minari_env(env_name, **kwargs)
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
+
+
+def make_minari_env(env_name, **kwargs):
+    """A Minari dataset's evaluation environment as its data looks to FQL: Dict observations
+    flattened (in the Dict's order, as fql.load_minari does), the policy's actions in [-1, 1]
+    scaled to the action space's bounds."""
+    dataset = fql.minari_dataset(env_name)
+    try:  # (gymnasium-robotics' import prints a notice of its Adroit rewards: README says it)
+        with contextlib.redirect_stderr(io.StringIO()):
+            env = dataset.recover_environment(eval_env=True, **kwargs)
+    except (ValueError, gymnasium.error.Error) as err:  # a user's own data: no environment
+        raise UsageError(f"{env_name} has no environment to evaluate or fine-tune in ({err}); "
+                         "train on it with --eval_interval 0") from None
+    if isinstance(env.observation_space, gymnasium.spaces.Dict):
+        env = gymnasium.wrappers.FlattenObservation(env)
+    return gymnasium.wrappers.RescaleAction(env, -1.0, 1.0)
 
 
 def make_vector_env(env_names, frame_stack=None):
@@ -257,7 +275,16 @@ D4RL_REFERENCE_RETURNS = {
 
 
 def with_score(env_name, result):
-    """Add D4RL's normalised score of the mean return for D4RL environments."""
+    """Add the normalised score of the mean return: D4RL's, or a Minari dataset's (where it has
+    reference scores)."""
+    if env_name.startswith("minari:"):
+        import minari
+
+        try:
+            score = minari.get_normalized_score(fql.minari_dataset(env_name), result["return"])
+        except ValueError:  # no reference scores
+            return result
+        return dict(result, score=100 * float(score))
     if env_name not in fql.D4RL:
         return result
     low, high = D4RL_REFERENCE_RETURNS[env_name.split("-")[0]]
@@ -332,12 +359,13 @@ def evaluate(policy, vector_env, episodes, seeds, progress=None):
         episode += block * rollouts.ended
         *_, infos, _ = rollouts.step(policy, np.repeat(seeds, block) + episode)
         for k in np.flatnonzero(rollouts.ended & (episode < episodes)):
-            success = float(infos["success"][k])
+            success = infos["success"][k] if "success" in infos else np.nan  # (not every env's)
             finished[k // block].append((success, rollouts.returns[k], rollouts.steps[k]))
             if progress is not None:
                 progress.update(1)
     means = [np.mean(agent_episodes, axis=0).tolist() for agent_episodes in finished]
-    return [dict(zip(("success", "return", "length"), mean)) for mean in means]
+    return [{k: v for k, v in zip(("success", "return", "length"), mean) if not np.isnan(v)}
+            for mean in means]
 
 
 def record_videos(policy, env_name, episodes, seed, directory, frame_skip, frame_stack=None):
@@ -472,9 +500,10 @@ class Finetuning:
                              masks=1.0 - terminated[:, None], terminals=self.rollouts.ended,
                              next_observations=next_observations))
         for k in np.flatnonzero(self.rollouts.ended):
-            self.last_episode[k] = {"exploration/success": float(infos["success"][k]),
-                                    "exploration/return": float(self.rollouts.returns[k]),
+            self.last_episode[k] = {"exploration/return": float(self.rollouts.returns[k]),
                                     "exploration/length": int(self.rollouts.steps[k])}
+            if "success" in infos:  # (not every env's)
+                self.last_episode[k]["exploration/success"] = float(infos["success"][k])
 
     def log(self):
         size = self.buffer.offline + self.buffer.added
@@ -540,6 +569,8 @@ def worker_pool(frame_stack=None):
 def train(cfg):
     """fql.train with evaluation in the environment and, with --online_steps, fine-tuning."""
     cfg = fql.resolve_config(cfg)
+    if cfg.env.startswith("minari:"):  # one without an environment says so before the data loads
+        make_env(cfg.env).close()
     with worker_pool(cfg.frame_stack) as workers:
         vector_envs = []
 
@@ -652,20 +683,25 @@ def table_runs(args):
     """A row for each group of runs whose configs differ only in the seed (a grid's task and
     alpha): the mean and standard deviation over its seeds of each seed's score, computed as the
     paper's are: OGBench, the success in % averaged over the last three evaluations that all its
-    seeds reached (`steps`); D4RL, the normalised score of the last. Runs of several tasks of one
-    env add a row for their mean over those tasks, each seed's averaged first: the paper's figure
-    for the env is that mean over its five. Printed as a Markdown table; CSV in `output`."""
+    seeds reached (`steps`); D4RL and Minari, the normalised score of the last (a Minari dataset
+    without reference scores: its mean return). Runs of several tasks of one env add a row for
+    their mean over those tasks, each seed's averaged first: the paper's figure for the env is that
+    mean over its five (and shown for all five only). Printed as a Markdown table; CSV in
+    `output`."""
     rows = []
     tasks = {}  # (env, settings): {task: {seed: score}}
     for settings, config, runs, seeds in run_groups(args.runs):
         env = config["env"]
-        d4rl = env in fql.D4RL
-        curves = [read_curve(os.path.join(run, "eval.csv"), "evaluation/score" if d4rl else
-                             "evaluation/success") for run in runs]
-        steps = sorted(set.intersection(*map(set, curves)))[-1 if d4rl else -3:]
+        last = env in fql.D4RL or env.startswith("minari:")  # a score, or else the return
+        paths = [os.path.join(run, "eval.csv") for run in runs]
+        curves = [read_curve(path, "evaluation/success") for path in paths]
+        if last:
+            curves = [read_curve(path, "evaluation/score") or read_curve(path, "evaluation/return")
+                      for path in paths]
+        steps = sorted(set.intersection(*map(set, curves)))[-1 if last else -3:]
         if not steps:
             raise UsageError(f"{', '.join(runs)}: no evaluation at a step all these runs reached")
-        scores = [np.mean([curve[step] for step in steps]) * (1 if d4rl else 100)
+        scores = [np.mean([curve[step] for step in steps]) * (1 if last else 100)
                   for curve in curves]
         tasks.setdefault((env, settings), {})[config["task"]] = dict(zip(seeds, scores))
         task_env = f"{env}-singletask-task{config['task']}-v0" if config["task"] else env
@@ -676,7 +712,8 @@ def table_runs(args):
         if len(by_task) > 1 and common:
             scores = [np.mean([scores[seed] for scores in by_task.values()]) for seed in common]
             task = "mean of " + " ".join(map(str, by_task))
-            rows.append(table_row(env, task, settings, "", scores, fql.PAPER.get(env, "")))
+            paper = fql.PAPER.get(env, "") if len(by_task) == 5 else ""  # the paper's: all five
+            rows.append(table_row(env, task, settings, "", scores, paper))
     for line in [rows[0], ["---"] * len(rows[0]), *map(dict.values, rows)]:  # Markdown
         print("|", " | ".join(map(str, line)), "|")
     if args.output:
@@ -708,20 +745,8 @@ def benchmark(cfg, shapes=None, seconds=3.0):
     cfg = replace(fql.resolve_config(cfg), run_dir=os.devnull + "/{task}_{alpha}_{seed}",
                   online_steps=10**5)
     observation_shape, action_dim = shapes or env_shapes(cfg.env)
-    rng = np.random.default_rng(cfg.seed)
     pixels = len(observation_shape) == 3
-    n = 10_000 if pixels else 100_000
-    if pixels:  # compact frames, as the pixel datasets
-        observations = rng.integers(0, 256, (n, *observation_shape), dtype=np.uint8)
-        layout = dict(valids=np.arange(n) < n - 1)
-    else:
-        observations = rng.normal(size=(n, *observation_shape))
-        layout = dict(next_observations=observations[::-1])
-    tasks = len(cfg.tasks or [0])  # a column of rewards and masks per task
-    dataset = dict(observations=observations, actions=rng.uniform(-1, 1, (n, action_dim)),
-                   rewards=-rng.integers(0, 2, (n, tasks)), masks=np.ones((n, tasks)),
-                   terminals=np.arange(n) % 1000 == 999, **layout)
-    data = fql.to_device(dataset, cfg.device, cfg.frame_stack)
+    data = random_data(cfg, observation_shape, action_dim)
     observation_shape = fql.stacked_shape(data)
     on_cuda = cfg.device.startswith("cuda")
     torch.set_float32_matmul_precision("high" if on_cuda else "highest")  # as in training
@@ -729,9 +754,9 @@ def benchmark(cfg, shapes=None, seconds=3.0):
     if on_cuda:
         device_name = torch.cuda.get_device_name(cfg.device)
     print(f"FQL training step, observation {observation_shape}, action {action_dim}, horizon "
-          f"{cfg.horizon}, batch "
-          f"{cfg.batch_size}, critic {cfg.value_hidden_dims}, actors {cfg.actor_hidden_dims}, "
-          f"encoder {cfg.encoder}; {device_name}, torch {torch.__version__}")
+          f"{cfg.horizon}, batch {cfg.batch_size}, critic {cfg.value_hidden_dims}, actors "
+          f"{cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
+          f"torch {torch.__version__}")
     modes = {"eager": dict(compile=False, cuda_graph=False)}
     if cfg.compile:
         modes["compile"] = dict(compile=True, cuda_graph=False)
@@ -762,6 +787,24 @@ def benchmark(cfg, shapes=None, seconds=3.0):
                             f"{rate * agents / results[name, 1]:.2f}x one agent")
                 print(f"{name:<22} {rate:9.1f} {unit}", flush=True)
     return results
+
+
+def random_data(cfg, observation_shape, action_dim):
+    """A random dataset of these shapes on the device, as fql.to_device gives it: 100K transitions
+    (pixels: 10K compact frames, as the pixel datasets), a column of rewards and masks per task."""
+    rng = np.random.default_rng(cfg.seed)
+    n = 10_000 if len(observation_shape) == 3 else 100_000
+    if len(observation_shape) == 3:
+        observations = rng.integers(0, 256, (n, *observation_shape), dtype=np.uint8)
+        layout = dict(valids=np.arange(n) < n - 1)
+    else:
+        observations = rng.normal(size=(n, *observation_shape))
+        layout = dict(next_observations=observations[::-1])
+    tasks = len(cfg.tasks or [0])
+    dataset = dict(observations=observations, actions=rng.uniform(-1, 1, (n, action_dim)),
+                   rewards=-rng.integers(0, 2, (n, tasks)), masks=np.ones((n, tasks)),
+                   terminals=np.arange(n) % 1000 == 999, **layout)
+    return fql.to_device(dataset, cfg.device, cfg.frame_stack)
 
 
 def steps_per_second(step, seconds, wait=lambda: None):

@@ -82,9 +82,9 @@ class Config:
     """with --horizon > 1; --no_action_chunking: QC's FQL-n, one action and the n-step target"""
     sparse: bool = False
     """QC's --sparse (scene, puzzle-3x3): reward -1 until the task is solved, then 0"""
-    actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    actor_hidden_dims: tuple[int, ...] = (512,) * 4
     """hidden layer widths of the BC flow and the one-step policy"""
-    value_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    value_hidden_dims: tuple[int, ...] = (512,) * 4
     """hidden layer widths of each critic member"""
     encoder: Literal["impala_small", "impala_debug"] | None = None
     """image encoder; default: impala_small for visual-* (impala_debug: tiny, for CPU tests)"""
@@ -156,8 +156,8 @@ class Dense(nn.Module):
         bound = math.sqrt(6 / (in_dim + out_dim))
         leading = (members,) if members else ()
         self.weight = nn.Parameter(torch.empty(*leading, in_dim, out_dim).uniform_(-bound, bound))
-        bias_shape = (members, 1, out_dim) if members else (out_dim,)  # broadcast over the batch
-        self.bias = nn.Parameter(torch.zeros(bias_shape))
+        # (members, 1, out): broadcast over the batch
+        self.bias = nn.Parameter(torch.zeros((members, 1, out_dim) if members else out_dim))
 
     def forward(self, x):
         # (batch, in) or (members, batch, in) -> (batch, out) or (members, batch, out)
@@ -208,15 +208,15 @@ class ResnetStack(nn.Module):
 
     def __init__(self, in_channels, channels):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
-        block = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-        )
+        conv = partial(nn.Conv2d, kernel_size=3, padding=1)  # 3x3, the same size out
+        self.conv = conv(in_channels, channels)
         # the official small encoder has one block a stack; a list, as the checkpoints' keys name it
-        self.blocks = nn.ModuleList([block])
+        self.blocks = nn.ModuleList([nn.Sequential(
+            nn.ReLU(),
+            conv(channels, channels),
+            nn.ReLU(),
+            conv(channels, channels),
+        )])
 
     def forward(self, x):
         x = self.conv(x)
@@ -234,8 +234,8 @@ class ImpalaEncoder(nn.Module):
         super().__init__()
         height, width, channels = image_shape
         widths = {"impala_small": (16, 32, 32), "impala_debug": (4, 4)}[kind]  # of the stacks
-        stacks = [ResnetStack(a, b) for a, b in zip((channels,) + widths, widths)]
-        self.stacks = nn.Sequential(*stacks)
+        self.stacks = nn.Sequential(
+            *[ResnetStack(a, b) for a, b in zip((channels,) + widths, widths)])
         flat = self.stacks(torch.zeros(1, channels, height, width)).numel()
         self.head = Dense(flat, 512)  # features
         for conv in self.modules():  # Xavier-uniform, zero bias: as the official code sets them
@@ -259,8 +259,7 @@ class FQLNetworks(nn.Module):
         self.observation_shape = tuple(observation_shape)
         self.action_dim = action_dim  # the environment's
         # what the networks take and emit: a chunk of actions, time-major (one action: FQL, FQL-n)
-        self.chunk_dim = action_dim * (cfg.horizon if cfg.action_chunking else 1)
-        chunk = self.chunk_dim
+        chunk = self.chunk_dim = action_dim * (cfg.horizon if cfg.action_chunking else 1)
         # ImpalaEncoder's feature width (its head), or the state vector's
         dim = 512 if cfg.encoder else observation_shape[0]
         encoders = [ImpalaEncoder(observation_shape, cfg.encoder) if cfg.encoder else nn.Identity()
@@ -273,7 +272,7 @@ class FQLNetworks(nn.Module):
         # mu(s, z): one network call maps noise to an action
         self.actor_onestep = MLP(dim + chunk, cfg.actor_hidden_dims, chunk, encoders[2])
 
-    def forward(self, batch, noise, alpha, cfg, with_metrics=False):
+    def forward(self, batch, noise, alpha, cfg, with_metrics):
         """fql_losses of these networks. The losses are this module's forward because
         torch.func.functional_call, which FQLAgent maps over its agents with torch.vmap, calls a
         module's forward with the parameters it is given (an agent's)."""
@@ -296,14 +295,17 @@ def draw_noise(batch_size, chunk_dim, device, generators=(None,)):
     generator (an agent's) along a leading agent dimension, in one place so that tests can fix it.
     `chunk_dim`: what the networks emit (FQLNetworks.chunk_dim; action_dim when not chunking)."""
     # an agent's three Gaussians in one call: fewer kernels than three calls
-    draws = [(torch.randn((3, batch_size, chunk_dim), device=device, generator=g),
-              torch.rand((batch_size, 1), device=device, generator=g)) for g in generators]
-    gaussians = torch.stack([three for three, _ in draws], dim=1)  # (3, agents, batch, chunk)
+    three_each, times = zip(*[
+        (torch.randn((3, batch_size, chunk_dim), device=device, generator=g),
+         torch.rand((batch_size, 1), device=device, generator=g))
+        for g in generators
+    ])
+    x0, z, z_next = torch.stack(three_each, dim=1)  # each (agents, batch, chunk)
     return dict(
-        x0=gaussians[0],  # BC flow: the source sample
-        t=torch.stack([t for _, t in draws]),  # BC flow: the time, per sample
-        z=gaussians[1],  # the one-step policy's noise for distillation and the Q term
-        z_next=gaussians[2],  # the one-step policy's noise for the next actions a'
+        x0=x0,  # BC flow: the source sample
+        t=torch.stack(times),  # BC flow: the time, per sample
+        z=z,  # the one-step policy's noise for distillation and the Q term
+        z_next=z_next,  # the one-step policy's noise for the next actions a'
     )
 
 
@@ -318,7 +320,7 @@ def fql_losses(nets, batch, noise, alpha, cfg, with_metrics=False):
     with torch.no_grad():
         next_actions = nets.actor_onestep(batch["next_observations"], noise["z_next"]).clamp(-1, 1)
         next_qs = nets.target_critic(batch["next_observations"], next_actions)
-        next_q = next_qs.min(dim=0).values if cfg.q_agg == "min" else next_qs.mean(dim=0)
+        next_q = next_qs.amin(0) if cfg.q_agg == "min" else next_qs.mean(0)
         target_q = batch["rewards"] + cfg.discount**cfg.horizon * batch["masks"] * next_q
     q = nets.critic(obs, actions)
     critic_errors = (q - target_q).pow(2)
@@ -348,24 +350,24 @@ def fql_losses(nets, batch, noise, alpha, cfg, with_metrics=False):
     policy_actions = onestep_actions.clamp(-1, 1)
     frozen_critic = {name: p.detach() for name, p in nets.critic.named_parameters()}
     policy_qs = torch.func.functional_call(nets.critic, frozen_critic, (obs, policy_actions))
-    policy_q = policy_qs.mean(dim=0)
+    policy_q = policy_qs.mean(0)
     q_loss = -policy_q.mean()
     if cfg.normalize_q_loss:
         q_loss = q_loss / policy_q.abs().mean().detach()
 
     # the official keys: actor_loss = L_Flow(theta) + L_pi(omega), q_loss = its -Q term
     actor_loss = bc_flow_loss + alpha * distill_loss + q_loss
-    if not with_metrics:
-        return critic_loss + actor_loss, {}
-    metrics = {
-        "critic/critic_loss": critic_loss,
-        "critic/q_mean": q.mean(), "critic/q_max": q.max(), "critic/q_min": q.min(),
-        "actor/actor_loss": actor_loss,
-        "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
-        "actor/q_loss": q_loss, "actor/q": policy_q.mean(),
-        # the official code draws other noise for this diagnostic; the same z is as good a sample
-        "actor/mse": (policy_actions - actions).pow(2).mean(),
-    }
+    metrics = {}
+    if with_metrics:
+        metrics = {
+            "critic/critic_loss": critic_loss,
+            "critic/q_mean": q.mean(), "critic/q_max": q.max(), "critic/q_min": q.min(),
+            "actor/actor_loss": actor_loss,
+            "actor/bc_flow_loss": bc_flow_loss, "actor/distill_loss": distill_loss,
+            "actor/q_loss": q_loss, "actor/q": policy_q.mean(),
+            # the official code draws other noise for this diagnostic; the same z does as well
+            "actor/mse": (policy_actions - actions).pow(2).mean(),
+        }
     return critic_loss + actor_loss, {k: v.detach() for k, v in metrics.items()}
 
 
@@ -392,7 +394,7 @@ class FQLAgent:
         self.params = stack_parameters(agent_nets)
         # (the target's parameters, the critic's), for the lerp (one a deep copy of the other)
         critic = [k for k in self.params if k.startswith("critic.")]
-        self.lerp = [self.params["target_" + k] for k in critic], [self.params[k] for k in critic]
+        self.lerp = [self.params[f"target_{k}"] for k in critic], [self.params[k] for k in critic]
         trained = [p for p in self.params.values() if p.requires_grad]
         # On CUDA, fused: one kernel for every parameter; capturable: the step counters stay on
         # the GPU, so a CUDA graph can hold Adam. Not fused on a CPU, where the fused kernel rounds
@@ -414,8 +416,8 @@ class FQLAgent:
     def losses_eager(self, batch, noise, with_metrics=False):
         """The sum of the agents' losses, and each one's metrics: fql_losses mapped over agents."""
         def agent_losses(params, agent_batch, agent_noise, alpha):
-            inputs = (agent_batch, agent_noise, alpha, self.cfg, with_metrics)
-            return torch.func.functional_call(self.nets, params, inputs)
+            return torch.func.functional_call(
+                self.nets, params, (agent_batch, agent_noise, alpha, self.cfg, with_metrics))
 
         losses, metrics = torch.vmap(agent_losses)(self.params, batch, noise, self.alphas)
         return losses.sum(), metrics
@@ -425,7 +427,7 @@ class FQLAgent:
         moves towards the critic from before this step (a one-step lag, as the official code,
         where Algorithm 1 lists the target update last)."""
         loss, metrics = self.losses(batch, noise, with_metrics)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
         # lerp before optimizer.step(): the critic from before this step (see above)
         with torch.no_grad():
@@ -435,10 +437,9 @@ class FQLAgent:
 
     def draw(self, sample):
         """(batch, noise) of one update, each agent's from its own generator (and task)."""
-        batch = sample(self.cfg.batch_size, self.generators, self.tasks)
-        noise = draw_noise(self.cfg.batch_size, self.nets.chunk_dim, self.cfg.device,
-                           self.generators)
-        return batch, noise
+        return (sample(self.cfg.batch_size, self.generators, self.tasks),
+                draw_noise(self.cfg.batch_size, self.nets.chunk_dim, self.cfg.device,
+                           self.generators))
 
     def train_step(self, sample, with_metrics=False):
         return self.update(*self.draw(sample), with_metrics)
@@ -470,8 +471,7 @@ class FQLAgent:
             i: {k: (v if k == "step" else v[index]).clone() for k, v in state.items()}
             for i, state in optimizer["state"].items()
         }
-        nets = {k: v[index].clone() for k, v in self.params.items()}
-        return dict(nets=nets, optimizer=optimizer)
+        return dict(nets={k: v[index].clone() for k, v in self.params.items()}, optimizer=optimizer)
 
     def load_state_dicts(self, states):
         """Restore every agent from its one-agent state dict; Adam's own flags (fused, capturable)
@@ -511,13 +511,13 @@ def agent_grid(cfg):
 def make_agent(cfg, observation_shape, action_dim):
     """The agents of cfg (agent_grid): each one's networks, then its generator, from
     torch.manual_seed(seed), so that an agent of a grid starts as its run alone does."""
+    tasks, alphas, seeds = zip(*agent_grid(cfg))
     agent_nets = []
     generators = []
-    for _, _, seed in agent_grid(cfg):
+    for seed in seeds:
         torch.manual_seed(seed)
         agent_nets.append(FQLNetworks(observation_shape, action_dim, cfg).to(cfg.device))
         generators.append(torch.Generator(cfg.device).manual_seed(int(torch.randint(2**62, ()))))
-    tasks, alphas, _ = zip(*agent_grid(cfg))
     return FQLAgent(agent_nets, cfg, generators, alphas, tasks)
 
 
@@ -532,7 +532,7 @@ class CUDAGraphStep:
         self.graph = None
 
     def __call__(self):
-        if self.graph is not None:
+        if self.graph:
             self.graph.replay()
             return self.outputs
         # as PyTorch's docs ask: the eager run before the capture goes on a side stream (after all
@@ -554,7 +554,7 @@ def make_train_step(agent, sample):
     --no_cuda_graph)."""
     variants = {m: partial(agent.train_step, sample, m) for m in (False, True)}
     if agent.cfg.cuda_graph and agent.cfg.device.startswith("cuda"):
-        variants = {m: CUDAGraphStep(fn, agent.generators) for m, fn in variants.items()}
+        variants = {m: CUDAGraphStep(variants[m], agent.generators) for m in variants}
     return lambda with_metrics: variants[with_metrics]()
 
 
@@ -617,10 +617,10 @@ def table_rows(table):
     return [row.split() for row in table.strip().splitlines()[1:]]
 
 
-def other_flags(cells):
-    """A table's other flags as a dict: q_agg="min", discount=0.995 (values in JSON), pixels
-    (PIXELS)."""
-    flags = dict(PIXELS) if "pixels" in cells else {}
+def table_defaults(alpha, cells):
+    """A table row's alpha and its other flags as a dict: q_agg="min", discount=0.995 (values in
+    JSON), pixels (PIXELS)."""
+    flags = dict(PIXELS if "pixels" in cells else {}, alpha=int(alpha))
     for name, _, value in (cell.partition("=") for cell in cells if "=" in cell):
         flags[name] = json.loads(value)
     return flags
@@ -631,20 +631,23 @@ ENV_DEFAULTS = {}  # OGBench dataset or D4RL name: its alpha and other flags
 PAPER = {"cube-single-play-singletask-task2-v0": 97}  # the FQL column (and cube-single's task2)
 for alias, dataset, task, alpha, paper, *other in table_rows(OGBENCH):
     ENVS[alias] = (dataset, int(task))
-    ENV_DEFAULTS[dataset] = dict(alpha=int(alpha), **other_flags(other))
+    ENV_DEFAULTS[dataset] = table_defaults(alpha, other)
     PAPER[dataset] = int(paper)
 D4RL = {}  # name: d4rl's file
 for name, maze, alpha, paper, *other in table_rows(D4RL_DATASETS):
     D4RL[name] = f"ant_maze_v2/Ant_maze_{maze}_sparse_fixed.hdf5" if name.startswith("antmaze") \
         else f"hand_dapg_v1/{name}.hdf5"
-    ENV_DEFAULTS[name] = dict(alpha=int(alpha), offline_steps=500_000, **other_flags(other))
+    ENV_DEFAULTS[name] = dict(table_defaults(alpha, other), offline_steps=500_000)
     PAPER[name] = int(paper)
 
 
 def resolve_env(name):
-    """Map a user's env name to (the full OGBench single-task or D4RL name, per-env defaults)."""
+    """Map a user's env name to (the full OGBench single-task or D4RL name, per-env defaults); a
+    Minari dataset keeps its name, minari:<dataset id>, and the official defaults."""
+    if name.startswith("minari:"):
+        return name, {}
     for d4rl_name in D4RL:
-        if name in (d4rl_name, "d4rl-" + d4rl_name[:-3]):  # without -v2 / -v1
+        if name in (d4rl_name, f"d4rl-{d4rl_name[:-3]}"):  # without -v2 / -v1
             return d4rl_name, ENV_DEFAULTS[d4rl_name]
     alias = re.fullmatch(r"ogbench-(.+?)(?:-task(\d+))?", name)
     if alias and alias[1] in ENVS:
@@ -654,10 +657,10 @@ def resolve_env(name):
     if full:  # the table's defaults; another OGBench dataset, the official ones
         return name, ENV_DEFAULTS.get(full[1], {})
     aliases = ", ".join(f"ogbench-{alias}" for alias in ENVS)
-    d4rl_names = ", ".join("d4rl-" + d4rl_name[:-3] for d4rl_name in D4RL)
+    d4rl_names = ", ".join(f"d4rl-{d4rl_name[:-3]}" for d4rl_name in D4RL)
     raise UsageError(f"unknown env {name!r}. Valid: {aliases} (add -task1 to -task5 for OGBench's "
                      "tasks 1 to 5), a full OGBench single-task name such as "
-                     f"cube-single-play-singletask-task2-v0, or {d4rl_names}")
+                     f"cube-single-play-singletask-task2-v0, {d4rl_names}, or minari:<dataset id>")
 
 
 def resolve_config(cfg):
@@ -683,17 +686,16 @@ def resolve_config(cfg):
         filled["alpha"] = cfg.alphas[0]
     if cfg.tasks:  # the grid's env: one of OGBench's single-task envs, its task left out
         if "-singletask" not in env_name or re.search(r"-task\d", cfg.env):
-            raise UsageError(f"--tasks is for OGBench envs named without a task "
-                             f"(ogbench-cube-single, not ogbench-cube-single-task2); {cfg.env} "
-                             "is not one")
+            raise UsageError(
+                "--tasks is for OGBench envs named without a task (ogbench-cube-single, not "
+                f"ogbench-cube-single-task2); {cfg.env} is not one")
         env_name = re.sub(r"-task\d+-v0$", "-v0", env_name)
     # each agent's folder (agent_runs fills it in) names the axes given as lists, and its seed
-    axes = "__".join(["task{task}"] * bool(cfg.tasks) + ["alpha{alpha}"] * bool(cfg.alphas) +
-                     ["seed{seed}"])
-    run_dir = cfg.run_dir or f"runs/{cfg.env}__{axes}"
+    axes = "task{task}__" * bool(cfg.tasks) + "alpha{alpha}__" * bool(cfg.alphas) + "seed{seed}"
+    run_dir = cfg.run_dir or f"runs/{re.sub('[:/]', '-', cfg.env)}__{axes}"
     cfg = replace(cfg, env=env_name, device=device, seed=seeds[0], seeds=seeds, **filled)
     if len(agent_grid(cfg)) > 1 and "{" not in run_dir:
-        run_dir += "/" + axes
+        run_dir += f"/{axes}"
     cfg = replace(cfg, run_dir=os.path.normpath(run_dir))
     check_values(cfg)
     return cfg
@@ -704,8 +706,7 @@ def check_values(cfg):
     every comparison, so these checks refuse it too."""
     for rule, valid, names in (
         ("must be positive", lambda v: 0 < v < math.inf,
-         "batch_size flow_steps horizon lr log_interval save_interval eval_episodes "
-         "frame_stack"),
+         "batch_size flow_steps horizon lr log_interval save_interval eval_episodes frame_stack"),
         ("must be >= 0", lambda v: 0 <= v < math.inf,
          "alphas alpha offline_steps online_steps eval_interval"),
         ("must be in [0, 1]", lambda v: 0 <= v <= 1, "discount p_aug"),
@@ -721,7 +722,7 @@ def check_values(cfg):
     if not cfg.offline_steps + cfg.online_steps:
         raise UsageError("nothing to train: --offline_steps and --online_steps are both 0")
     pixels = cfg.env.startswith("visual-")
-    if not pixels and (cfg.encoder, cfg.frame_stack, cfg.p_aug) != (None, None, None):
+    if not pixels and {cfg.encoder, cfg.frame_stack, cfg.p_aug} != {None}:
         raise UsageError("--encoder, --frame_stack and --p_aug are for pixel (visual-*) envs; "
                          f"{cfg.env} has states")
     if pixels and (cfg.online_steps or cfg.horizon > 1):
@@ -729,7 +730,7 @@ def check_values(cfg):
                          "batches would hold stacked frames per step")
 
 
-# ---- Datasets: OGBench and D4RL, moved to the device once; batches are sampled there -------------
+# ---- Datasets: OGBench, D4RL, Minari; moved to the device once, sampled there ------------------
 def headless_mujoco():
     """Call before MuJoCo loads: it renders through EGL where EGL is installed (else, without a
     display, it tries GLFW and warns)."""
@@ -746,11 +747,13 @@ def headless_mujoco():
 
 def load_datasets(env_names, dataset_dir):
     """(train, validation) transitions of the envs `env_names` (the tasks of one OGBench dataset,
-    or one D4RL dataset, which has no validation split): a column of rewards and of masks for
-    each; missing files are downloaded."""
+    or one D4RL or Minari dataset, which have no validation split): a column of rewards and of
+    masks for each; missing files are downloaded."""
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # a blocked network should fail, not hang forever
     try:
+        if env_names[0].startswith("minari:"):
+            return load_minari(env_names[0]), None
         if env_names[0] in D4RL:
             return load_d4rl(env_names[0]), None
         return load_ogbench(env_names, dataset_dir)
@@ -775,9 +778,9 @@ def load_ogbench(env_names, dataset_dir):
             add_info=True)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         if missing:
-            raise UsageError(f"dataset files {files[0]} and {files[1]} are missing and could not "
-                             f"be downloaded ({err}). Copy them there, or pass --dataset_dir "
-                             "DIR.") from None
+            raise UsageError(
+                f"dataset files {files[0]} and {files[1]} are missing and could not be downloaded "
+                f"({err}). Copy them there, or pass --dataset_dir DIR.") from None
         broken = [file for file in files if not zipfile.is_zipfile(file)] or files
         raise UsageError(f"{' or '.join(broken)} is not a readable OGBench dataset "
                          f"({type(err).__name__}; an interrupted download?): delete it to download "
@@ -807,8 +810,8 @@ def load_d4rl(name):
             os.makedirs(directory, exist_ok=True)
             torch.hub.download_url_to_file(url, path)
         with h5py.File(path, "r") as f:  # D4RL's v2 antmaze and v1 adroit files have timeouts
-            columns = {k: f[k][:].astype(np.float32) for k in ("observations", "actions",
-                                                                "rewards", "terminals", "timeouts")}
+            keys = "observations actions rewards terminals timeouts".split()
+            columns = {k: f[k][:].astype(np.float32) for k in keys}
     except (OSError, KeyError) as err:
         raise UsageError(f"{path} is not a readable D4RL file (or could not be downloaded: {err}): "
                          f"delete it to download it again, or download {url} into {directory} (or "
@@ -826,13 +829,59 @@ def load_d4rl(name):
     jumps = dataset["observations"][1:] - dataset["next_observations"][:-1]
     ends = np.linalg.norm(jumps, axis=-1) > 1e-6
     if name.startswith("antmaze"):
-        dataset["rewards"] = dataset["rewards"] - 1.0
+        dataset["rewards"] -= 1.0
     else:
         ends |= dataset["terminals"][:-1] > 0
     # from here on `terminals` are the episodes' ends (QC's windows stop there), not the MDP's
     # terminations, which the masks keep
     dataset["terminals"] = np.append(ends, True).astype(np.float32)
     return dataset
+
+
+def minari_dataset(env_name):
+    """The Minari dataset of minari:<id>, from Minari's folder (MINARI_DATASETS_PATH, else
+    ~/.minari/datasets), downloaded there when missing; one FQL can train on, else one line."""
+    import minari
+
+    # huggingface_hub's download retries warn on the console; the one line below says it all
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    name = env_name.removeprefix("minari:")
+    try:
+        dataset = minari.load_dataset(name, download=True)
+        dataset[0]  # a broken or empty file fails here, not only at its first episode's read
+    except Exception as err:  # Minari has no errors of its own: FileNotFoundError, httpx's, ...
+        raise UsageError(f"could not load Minari dataset {name} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}): check the id and the network; a broken "
+                         "copy in MINARI_DATASETS_PATH (~/.minari/datasets): delete it") from None
+    observation_space, action_space = dataset.observation_space, dataset.action_space
+    bounds = [getattr(action_space, "low", np.inf), getattr(action_space, "high", np.inf)]
+    # a Discrete space has no bounds, a Dict no shape; images have 3 dimensions
+    if not np.isfinite(bounds).all() or len(getattr(observation_space, "shape", None) or ()) > 1:
+        raise UsageError(f"{name}: FQL trains on vector observations and bounded continuous "
+                         f"actions, not {observation_space} and {action_space}")
+    return dataset
+
+
+def load_minari(env_name):
+    """A Minari dataset's episodes as transitions: s' the episode's next observation, mask =
+    1 - termination, an episode's end at its last step (a termination or a truncation); actions
+    scaled to [-1, 1] from the action space's bounds (eval.py scales the policy's back)."""
+    dataset = minari_dataset(env_name)
+    episodes = []
+    for episode in dataset.iterate_episodes():
+        observations = episode.observations
+        if isinstance(observations, dict):  # (goal-conditioned mazes) flattened as gymnasium
+            # flattens a Dict: its parts, each a vector, concatenated in its order
+            observations = np.concatenate([observations[key]
+                                           for key in dataset.observation_space.spaces], axis=-1)
+        episodes.append(dict(observations=observations[:-1], next_observations=observations[1:],
+                             actions=episode.actions, rewards=episode.rewards,
+                             masks=1 - episode.terminations,
+                             terminals=np.arange(len(episode.actions)) == len(episode.actions) - 1))
+    data = {k: np.concatenate([episode[k] for episode in episodes]) for k in episodes[0]}
+    low, high = dataset.action_space.low, dataset.action_space.high
+    data["actions"] = 2 * (data["actions"] - low) / (high - low) - 1
+    return data
 
 
 def to_device(dataset, device, frame_stack=None, sparse=False):
@@ -842,7 +891,7 @@ def to_device(dataset, device, frame_stack=None, sparse=False):
     of its frame_stack + 1 frames: frames 0..frame_stack-1 make s, frames 1..frame_stack make s'
     (before an episode starts, its first frame stands in)."""
     rows = slice(None)
-    keys = ["actions", "rewards", "masks", "terminals", "observations", "next_observations"]
+    keys = "actions rewards masks terminals observations next_observations"
     data = {}
     if "valids" in dataset:
         valids = dataset["valids"]
@@ -853,8 +902,8 @@ def to_device(dataset, device, frame_stack=None, sparse=False):
                                 episode_start[rows, None])
         data["frames"] = torch.as_tensor(dataset["observations"], device=device)
         data["frame_rows"] = torch.as_tensor(frame_rows, device=device)
-        keys = keys[:3]  # actions, rewards, masks: frames stand for the observations
-    for k in keys:
+        keys = "actions rewards masks"  # frames stand for the observations
+    for k in keys.split():
         if k in dataset:
             data[k] = torch.as_tensor(np.asarray(dataset[k][rows], dtype=np.float32), device=device)
     for k in ("rewards", "masks"):  # a column per task: one, unless a grid trains several
@@ -882,17 +931,16 @@ def sample_batch(data, batch_size, generators=(None,), tasks=(0,), p_aug=None, c
     batch = gather(data, starts[..., None] + torch.arange(horizon, device=starts.device), tasks,
                    cfg)
     if "frames" in data:
-        # (agents, batch, frame_stack + 1, height, width, channels)
-        frames = data["frames"][batch.pop("frame_rows")]
-        batch["observations"] = frames[:, :, :-1].movedim(2, -2).flatten(-2)
-        batch["next_observations"] = frames[:, :, 1:].movedim(2, -2).flatten(-2)
+        # (agents, batch, height, width, frame_stack + 1, channels)
+        frames = data["frames"][batch.pop("frame_rows")].movedim(2, -2)
+        images = [frames[..., :-1, :].flatten(-2), frames[..., 1:, :].flatten(-2)]  # s, s'
         if p_aug:
-            batch["observations"], batch["next_observations"] = random_shift(
-                batch["observations"], batch["next_observations"], p_aug, generators)
+            images = random_shift(*images, p_aug, generators)
+        batch["observations"], batch["next_observations"] = images
     return batch
 
 
-def gather(data, rows, tasks=(0,), cfg=None):
+def gather(data, rows, tasks, cfg):
     """The batch of the windows of H rows `rows` (agents, batch, H), agent k's rewards and masks
     from column tasks[k]. H = 1: FQL's transitions. H > 1: QC's windows (its sample_sequence; a
     window may cross an episode's end): s_t, the actions a_t..a_{t+H-1} flattened time-major
@@ -904,7 +952,7 @@ def gather(data, rows, tasks=(0,), cfg=None):
                 for k, v in data.items() if k not in ("frames", "terminals")}
     steps = torch.arange(rows.shape[-1], device=rows.device)
     actions = data["actions"][rows]
-    ended = data["terminals"][rows].cummax(dim=-1).values  # an episode ended here or before
+    ended = data["terminals"][rows].cummax(-1).values  # an episode ended here or before
     return dict(
         actions=actions.flatten(-2) if cfg.action_chunking else actions[..., 0, :],
         rewards=(data["rewards"][rows, task] * cfg.discount**steps).sum(-1),
@@ -922,7 +970,7 @@ def random_shift(observations, next_observations, p_aug, generators=(None,), pad
     run either way and a CUDA graph holds the step."""
     agents, batch, height, width = observations.shape[:4]
     device = observations.device
-    offsets = torch.stack([torch.randint(0, 2 * pad + 1, (batch, 2), device=device, generator=g)
+    offsets = torch.stack([torch.randint(2 * pad + 1, (batch, 2), device=device, generator=g)
                            for g in generators])
     draws = torch.stack([torch.rand((), device=device, generator=g) for g in generators])
     offsets = torch.where(draws[:, None, None] < p_aug, offsets, pad) - pad
@@ -930,7 +978,7 @@ def random_shift(observations, next_observations, p_aug, generators=(None,), pad
     cols = (torch.arange(width, device=device) + offsets[..., 1:]).clamp(0, width - 1)
     agent = torch.arange(agents, device=device)[:, None, None, None]
     sample = torch.arange(batch, device=device)[:, None, None]
-    return [images[agent, sample, rows[..., :, None], cols[..., None, :]]
+    return [images[agent, sample, rows[..., None], cols[..., None, :]]
             for images in (observations, next_observations)]
 
 
@@ -945,25 +993,26 @@ def stacked_shape(data):
 # ---- Checkpoints and logs: nothing written is lost when a run is killed --------------------------
 # Fields that may change between a killed run and its resumption (run_dir: the same folder,
 # spelled another way)
-RESUMABLE_CHANGES = {"resume", "offline_steps", "online_steps", "log_interval", "eval_interval",
-                     "eval_episodes", "run_dir", "save_interval", "device", "compile", "cuda_graph",
-                     "wandb_project", "dataset_dir"}
+RESUMABLE_CHANGES = set(
+    "resume offline_steps online_steps log_interval eval_interval eval_episodes run_dir "
+    "save_interval device compile cuda_graph wandb_project dataset_dir".split())
 
 
 def write_atomically(path, write, rename=True):
     """write(path + ".tmp"), then its rename to `path` (rename=False: the caller's), so that a kill
     leaves the old file or the new one whole. A write that fails (a full disk: torch.save raises
     a RuntimeError there) ends in one line, its partial file removed."""
+    tmp = f"{path}.tmp"
     try:
-        write(path + ".tmp")
+        write(tmp)
     except (OSError, RuntimeError) as err:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise UsageError(f"could not write {path} ({str(err).splitlines()[0]}; is the disk "
                          "full?). The last checkpoint in that folder is whole: the same command "
                          "with --resume continues from it once there is space") from None
     if rename:
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
 
 
 def save_checkpoints(agent, step, runs, online=None):
@@ -981,7 +1030,7 @@ def save_checkpoints(agent, step, runs, online=None):
                      observation_shape=agent.nets.observation_shape)
         write_atomically(run.checkpoint, partial(torch.save, state), rename=False)
     for run in runs:
-        os.replace(run.checkpoint + ".tmp", run.checkpoint)
+        os.replace(f"{run.checkpoint}.tmp", run.checkpoint)
 
 
 def read_checkpoint(path):
@@ -1022,20 +1071,19 @@ def load_checkpoints(agent, runs):
     in RESUMABLE_CHANGES), then its networks, Adam's state and random stream restored; returns
     the checkpoints."""
     states = []
-    for run in runs:
-        states.append(read_checkpoint(run.checkpoint))
-        saved = states[-1]["config"]
+    for run, generator in zip(runs, agent.generators):
+        state = read_checkpoint(run.checkpoint)
         changed = [k for k, v in asdict(run).items()
-                   if k not in RESUMABLE_CHANGES and saved[k] != v]
+                   if k not in RESUMABLE_CHANGES and state["config"][k] != v]
         if changed:
             raise UsageError(f"--resume: this command differs from the run in {run.run_dir} in "
                              f"{', '.join(changed)}; give the same flags as the original run")
-    agent.load_state_dicts(states)
-    for generator, run, state in zip(agent.generators, runs, states):
         try:
             generator.set_state(state["rng"]["generator"])
         except (KeyError, RuntimeError, TypeError):  # a generator of another kind of device
             generator.manual_seed(run.seed * 1_000_003 + state["step"])  # a new stream
+        states.append(state)
+    agent.load_state_dicts(states)
     return states
 
 
@@ -1058,12 +1106,12 @@ class RunLog:
         self.rows = {}  # CSV path: its rows
         for path in (os.path.join(run.run_dir, name) for run in runs for name in ("train.csv",
                                                                                    "eval.csv")):
-            self.rows[path] = []
+            rows = []
             if os.path.exists(path):
                 with open(path, newline="") as f:
-                    self.rows[path] = [row for row in csv.DictReader(f)
-                                       if int(row["step"]) <= start]
-            write_atomically(path, partial(write_csv, self.rows[path]))
+                    rows = [row for row in csv.DictReader(f) if int(row["step"]) <= start]
+            self.rows[path] = rows
+            write_atomically(path, partial(write_csv, rows))
         from tqdm import tqdm
 
         self.wandb = []
@@ -1081,17 +1129,19 @@ class RunLog:
     def train(self, step, metrics, extras):
         """A train.csv row per agent: its metrics, its `extras` and the updates/s of late (the
         progress bar's, smoothed)."""
-        speed = {"time/updates_per_sec": self.progress.format_dict["rate"] or 0.0}
+        speed = self.progress.format_dict["rate"] or 0.0
         values = torch.stack(list(metrics.values()), dim=1).tolist()  # (agents, metrics)
-        rows = [{**dict(zip(metrics, v)), **extra, **speed} for v, extra in zip(values, extras)]
+        rows = [{**dict(zip(metrics, v)), **extra, "time/updates_per_sec": speed}
+                for v, extra in zip(values, extras)]
         self.write("train.csv", step, rows)
 
     def evaluation(self, step, results):
         """An eval.csv row per agent."""
         rows = [{f"evaluation/{k}": v for k, v in result.items()} for result in results]
         self.write("eval.csv", step, rows)
-        successes = " ".join(f"{result['success']:.3f}" for result in results)
-        self.progress.write(f"step {step}: success {successes}")
+        key = "success" if "success" in results[0] else "return"  # (not every env has a success)
+        values = " ".join(f"{result[key]:.3f}" for result in results)
+        self.progress.write(f"step {step}: {key} {values}")
 
     def write(self, name, step, rows):
         """A row per agent in its `name` file; a number that is not finite stops the run."""
@@ -1107,9 +1157,9 @@ class RunLog:
 
 
 def stop_diverged(what, run_dir):
-    raise UsageError(f"training diverged in {run_dir}: {what}. Stopped before saving, so its "
-                     "last checkpoint holds the parameters from before. Try a smaller --lr or "
-                     "--alpha, or --normalize_q_loss")
+    raise UsageError(
+        f"training diverged in {run_dir}: {what}. Stopped before saving, so its last checkpoint "
+        "holds the parameters from before. Try a smaller --lr or --alpha, or --normalize_q_loss")
 
 
 # ---- Training loop -------------------------------------------------------------------------------
@@ -1133,9 +1183,9 @@ def agent_runs(cfg):
         if os.path.exists(run.checkpoint) and not cfg.resume:
             raise UsageError(f"{run.run_dir} already holds a run; add --resume to continue it, or "
                              "another --run_dir")
-        renamed = runs and not os.path.exists(runs[0].checkpoint + ".tmp")
-        if cfg.resume and renamed and os.path.exists(run.checkpoint + ".tmp"):
-            os.replace(run.checkpoint + ".tmp", run.checkpoint)
+        renamed = runs and not os.path.exists(f"{runs[0].checkpoint}.tmp")
+        if cfg.resume and renamed and os.path.exists(f"{run.checkpoint}.tmp"):
+            os.replace(f"{run.checkpoint}.tmp", run.checkpoint)
         runs.append(run)
     return runs
 
@@ -1160,8 +1210,9 @@ def open_run(cfg, runs, agent, online):
 
 
 def device_splits(cfg, runs):
-    """The runs' train and validation splits (OGBench's; D4RL has no validation split), each one
-    copy on the device shared by all agents, with a column of rewards and masks per task."""
+    """The runs' train and validation splits (OGBench's; D4RL and Minari have no validation
+    split), each one copy on the device shared by all agents, a column of rewards and masks per
+    task."""
     splits = load_datasets(list(dict.fromkeys(run.env for run in runs)), cfg.dataset_dir)
     splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse)
               for split in splits if split]
@@ -1171,15 +1222,15 @@ def device_splits(cfg, runs):
 
 
 def validation_metrics(agent, validation_data):
-    """The losses on a validation batch, each agent's, as "validation/..." metrics. Its batch and
-    noise come from the agents' own generators, so the random streams depend on --log_interval."""
-    metrics = {}
-    for split in validation_data:
-        with torch.no_grad():
-            batch, noise = agent.draw(partial(sample_batch, split, cfg=agent.cfg))
-            _, split_metrics = agent.losses_eager(batch, noise, True)
-        metrics |= {f"validation/{k}": v for k, v in split_metrics.items()}
-    return metrics
+    """The losses on a batch of the validation split (the list holds it, or is empty), each
+    agent's, as "validation/..." metrics. Its batch and noise come from the agents' own
+    generators, so the random streams depend on --log_interval."""
+    if not validation_data:  # (D4RL and Minari have no validation split)
+        return {}
+    with torch.no_grad():
+        sample = partial(sample_batch, validation_data[0], cfg=agent.cfg)
+        _, metrics = agent.losses_eager(*agent.draw(sample), True)
+    return {f"validation/{k}": v for k, v in metrics.items()}
 
 
 def train(cfg, evaluate=None, finetuning=None):
@@ -1246,7 +1297,7 @@ def train(cfg, evaluate=None, finetuning=None):
 def main(argv=None):
     import tyro
 
-    cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.split("\n")[0])
+    cfg = tyro.cli(Config, args=argv, use_underscores=True, description=__doc__.splitlines()[0])
     try:
         cfg = resolve_config(cfg)
         if not (cfg.benchmark or cfg.eval_interval or cfg.online_steps):
@@ -1266,9 +1317,9 @@ def main(argv=None):
     except RuntimeError as err:  # out of memory: torch.OutOfMemoryError on a GPU
         if not re.search("out of memory|can't allocate memory", str(err)):
             raise
-        sys.exit(f"fql.py: error: out of memory on {cfg.device} with {len(agent_grid(cfg))} "
-                 f"agents and --batch_size {cfg.batch_size}: train fewer agents per process, or "
-                 "smaller batches")
+        sys.exit(
+            f"fql.py: error: out of memory on {cfg.device} with {len(agent_grid(cfg))} agents and "
+            f"--batch_size {cfg.batch_size}: train fewer agents per process, or smaller batches")
 
 
 if __name__ == "__main__":

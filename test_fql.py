@@ -2065,7 +2065,8 @@ def test_plot_writes_a_png(tmp_path):
 def test_table_scores_each_task_and_alpha_as_the_paper_and_each_env_over_its_tasks(tmp_path, capsys):
     """A row per (task, alpha): each seed's success averaged over its last three evaluations (the paper's protocol
     for OGBench), then mean and population std over seeds; and a row for the env's mean over the tasks present,
-    each seed's averaged first, next to the paper's number for the env."""
+    each seed's averaged first, next to the paper's number for the env when they are all five (the paper's is the
+    mean over five)."""
     runs = []
     for task, alpha, seed, success in ((2, 3.0, 0, 0.5), (2, 3.0, 1, 0.7), (2, 10.0, 0, 0.2), (4, 3.0, 0, 0.1),
                                        (4, 3.0, 1, 0.3)):
@@ -2076,7 +2077,7 @@ def test_table_scores_each_task_and_alpha_as_the_paper_and_each_env_over_its_tas
     expected = [dict(common, task=2, settings="alpha=3.0", seeds=2, mean="45.0", std="7.5", paper=97),
                 dict(common, task=2, settings="alpha=10.0", seeds=1, mean="15.0", std="0.0", paper=97),
                 dict(common, task=4, settings="alpha=3.0", seeds=2, mean="15.0", std="7.5", paper=""),
-                dict(common, task="mean of 2 4", settings="alpha=3.0", seeds=2, mean="30.0", std="7.5", paper=96,
+                dict(common, task="mean of 2 4", settings="alpha=3.0", seeds=2, mean="30.0", std="7.5", paper="",
                      steps="")]  # the steps are its tasks' rows'
     assert [{k: row[k] for k in expected[0]} for row in rows] == expected
     lines = capsys.readouterr().out.splitlines()
@@ -2086,6 +2087,12 @@ def test_table_scores_each_task_and_alpha_as_the_paper_and_each_env_over_its_tas
     os.remove(runs[2] / "eval.csv")
     with pytest.raises(SystemExit, match=f"{runs[2]}: no evaluation at a step all these runs reached"):
         fql_eval.main(["table", *map(str, runs)])
+    five = []
+    for task in (1, 2, 3, 4, 5):
+        five.append(tmp_path / "five" / f"task{task}")
+        write_fake_run(five[-1], 0, 3.0, task / 10, task)
+    assert fql_eval.main(["table", *map(str, five)])[-1] == dict(
+        common, task="mean of 1 2 3 4 5", settings="", seeds=1, mean="22.5", std="0.0", paper=96, steps="")
 
 
 @slow
@@ -2667,6 +2674,249 @@ def test_each_compiled_function_compiles_once_for_each_shape_it_is_called_with(c
     for name, record in compiled.items():
         assert record["graphs"] == len(record["signatures"]), (name, record)
     assert len(read_csv(tmp_path / "run" / "seed1" / "train.csv")) == 9
+
+
+# ----------------------------------------------------------------------------------------------
+# Minari: the offline datasets of the gymnasium world, and a user's own data (no network: built here)
+# ----------------------------------------------------------------------------------------------
+class ActionRecorder(gymnasium.Wrapper):
+    """Appends each action the environment receives to the file $RECORDED_ACTIONS, when that is set."""
+
+    def step(self, action):
+        if os.environ.get("RECORDED_ACTIONS"):
+            with open(os.environ["RECORDED_ACTIONS"], "a") as f:
+                f.write(" ".join(map(str, np.ravel(action))) + "\n")
+        return self.env.step(action)
+
+
+def recording_pendulum(**kwargs):
+    """MuJoCo's InvertedPendulum-v5 (actions in [-3, 3]) with its actions recorded: the environment of a test
+    dataset, which Minari makes from this entry point in the scripts' processes too."""
+    return ActionRecorder(gymnasium.make("InvertedPendulum-v5", **kwargs))
+
+
+gymnasium.register("test_fql/RecordingPendulum-v0", entry_point="test_fql:recording_pendulum", max_episode_steps=40)
+PENDULUM_SCORES = dict(ref_min_score=0.0, ref_max_score=40.0)  # its normalised score: 100 * return / 40
+
+
+def write_minari_dataset(dataset_id, stepped, episodes, **create):
+    """`episodes` episodes of uniform random actions in the environment `stepped` (episode i from reset(seed=i)),
+    saved with minari.create_dataset_from_buffers (its `env`: `stepped`, unless given, as None for own data)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    buffers = []
+    for i in range(episodes):
+        observations = [stepped.reset(seed=i)[0]]
+        stepped.action_space.seed(i)
+        actions, rewards, terminations, truncations = [], [], [], []
+        while not (terminations and (terminations[-1] or truncations[-1])):
+            actions.append(stepped.action_space.sample())
+            observation, reward, terminated, truncated, _ = stepped.step(actions[-1])
+            for steps, value in ((observations, observation), (rewards, reward), (terminations, terminated),
+                                 (truncations, truncated)):
+                steps.append(value)
+        if isinstance(observations[0], dict):
+            observations = {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+        buffers.append(EpisodeBuffer(observations=np.stack(observations) if isinstance(observations, list) else
+                                     observations, actions=np.stack(actions), rewards=np.array(rewards),
+                                     terminations=np.array(terminations), truncations=np.array(truncations),
+                                     infos={}))
+    details = dict(algorithm_name="random", author="test", author_email="test@example.com", code_permalink="-",
+                   description="test data")
+    return minari.create_dataset_from_buffers(dataset_id, buffers, **{"env": stepped, **details, **create})
+
+
+class ImageEnv(gymnasium.Env):
+    """Images of 32x32 pixels, one action in [-1, 1]; episodes of 3 steps."""
+    observation_space = gymnasium.spaces.Box(0, 255, (32, 32, 3), np.uint8)
+    action_space = gymnasium.spaces.Box(-1, 1, (1,))
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self.observation_space.sample(), 0.0, False, self.t == 3, {}
+
+
+@pytest.fixture(scope="module")
+def minari_data(tmp_path_factory):
+    """A Minari folder: pendulum (Box observations, actions in [-3, 3], reference scores), pointmaze (Dict
+    observations, success, no reference scores), own (a user's data: no environment), and the bad: cartpole
+    (Discrete actions), images, broken (a truncated data file), empty (no data file)."""
+    import gymnasium_robotics
+
+    gymnasium.register_envs(gymnasium_robotics)
+    root = str(tmp_path_factory.mktemp("minari"))
+    saved = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = root
+    try:
+        pendulum = gymnasium.make("test_fql/RecordingPendulum-v0")
+        write_minari_dataset("test/pendulum-v0", pendulum, 30, **PENDULUM_SCORES)
+        write_minari_dataset("test/pointmaze-v0", gymnasium.make("PointMaze_UMaze-v3", max_episode_steps=30), 6)
+        write_minari_dataset("test/own-v0", pendulum, 10, env=None, observation_space=pendulum.observation_space,
+                             action_space=pendulum.action_space)
+        write_minari_dataset("test/cartpole-v0", gymnasium.make("CartPole-v1"), 2)
+        write_minari_dataset("test/images-v0", ImageEnv(), 2, env=None, observation_space=ImageEnv.observation_space,
+                             action_space=ImageEnv.action_space)
+        for broken in ("broken", "empty"):
+            dataset = write_minari_dataset(f"test/{broken}-v0", pendulum, 2)
+            data_file = os.path.join(dataset.spec.data_path, "main_data.hdf5")
+            with open(data_file, "r+b") as f:
+                f.truncate(4096 if broken == "broken" else 0)
+            if broken == "empty":
+                os.remove(data_file)
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH")
+        if saved is not None:
+            os.environ["MINARI_DATASETS_PATH"] = saved
+    return root
+
+
+def test_a_minari_datasets_episodes_become_fql_transitions(minari_data, monkeypatch):
+    """Each episode's steps in order: s' the next observation, mask = 1 - termination, the episode's end at its last
+    step; actions from the space's bounds to [-1, 1]; Dict observations flattened as gymnasium flattens them, as the
+    recovered environment's are (the same reset, the same vector)."""
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_data)
+    for name in ("pendulum", "pointmaze"):
+        dataset = minari.load_dataset(f"test/{name}-v0")
+        data = fql.load_minari(f"minari:test/{name}-v0")
+        episodes = list(dataset.iterate_episodes())
+        start = 0
+        for episode in episodes:
+            n = len(episode.actions)
+            observations = episode.observations  # (n + 1, ...), or a dict of them
+            steps = [{k: v[i] for k, v in observations.items()} if isinstance(observations, dict) else
+                     observations[i] for i in range(n + 1)]
+            flat = np.stack([gymnasium.spaces.flatten(dataset.observation_space, step) for step in steps])
+            rows = slice(start, start + n)
+            np.testing.assert_allclose(data["observations"][rows], flat[:-1], rtol=1e-6)
+            np.testing.assert_allclose(data["next_observations"][rows], flat[1:], rtol=1e-6)
+            np.testing.assert_array_equal(data["masks"][rows], 1 - episode.terminations)
+            np.testing.assert_array_equal(data["terminals"][rows], np.arange(n) == n - 1)
+            np.testing.assert_allclose(data["rewards"][rows], episode.rewards)
+            high = dataset.action_space.high
+            np.testing.assert_allclose(data["actions"][rows] * high, episode.actions, rtol=1e-5, atol=1e-6)
+            start += n
+        assert start == len(data["actions"]) == dataset.total_steps
+        assert np.abs(data["actions"]).max() <= 1 and data["terminals"].sum() == len(episodes)
+        env = fql_eval.make_env(f"minari:test/{name}-v0")
+        for i in (0, 3):  # episode i of the data started from reset(seed=i)
+            first = np.flatnonzero(np.r_[True, data["terminals"][:-1]])[i]
+            np.testing.assert_allclose(env.reset(seed=i)[0], data["observations"][first], rtol=1e-6)
+
+
+def test_the_policys_actions_reach_a_minari_environment_in_its_own_bounds(minari_data, tmp_path, monkeypatch):
+    """The recovered environment gets the policy's actions in [-1, 1] scaled to its space's [-3, 3]."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", minari_data)
+    monkeypatch.setenv("RECORDED_ACTIONS", str(tmp_path / "actions.txt"))
+    env = fql_eval.make_env("minari:test/pendulum-v0")
+    assert env.action_space == gymnasium.spaces.Box(-1, 1, (1,))
+    env.reset(seed=0)
+    for action in (1.0, -1.0, 0.5, 0.0):
+        env.step(np.array([action], np.float32))
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "actions.txt"), [3.0, -3.0, 1.5, 0.0], atol=1e-6)
+
+
+def minari_command(run_dir, dataset, *flags):
+    return ["fql.py", "--env", f"minari:test/{dataset}-v0", "--run_dir", str(run_dir), "--batch_size", "16",
+            "--eval_episodes", "2", "--no-compile", *SMALL, *flags]
+
+
+@slow
+def test_a_minari_dataset_trains_evaluates_resumes_finetunes_and_tabulates(minari_data, tmp_path):
+    """`python fql.py --env minari:<id>` with evaluation on: the dataset's own environment gets actions in its bounds
+    and reports return and Minari's normalised score (no success: InvertedPendulum has none); the run resumes,
+    fine-tunes with eval.py, and `eval.py table` shows the score, no paper number."""
+    recorded = tmp_path / "actions.txt"
+    env = dict(MINARI_DATASETS_PATH=minari_data, RECORDED_ACTIONS=str(recorded))
+    run = tmp_path / "run"
+    command = minari_command(run, "pendulum", "--eval_interval", "4", "--log_interval", "2", "--resume")
+    for steps in ("4", "8"):  # a run, and its resumption
+        result = script(*command, "--offline_steps", steps, env=env)
+        assert result.returncode == 0 and console(result) == [], result.stderr[-3000:]
+        assert f"step {steps}: return " in result.stdout
+    rows = read_csv(run / "eval.csv")
+    assert [row["step"] for row in rows] == ["4", "8"] and "evaluation/success" not in rows[0]
+    for row in rows:
+        assert float(row["evaluation/score"]) == pytest.approx(100 * float(row["evaluation/return"]) / 40)
+    actions = np.loadtxt(recorded)  # every evaluation step's action, as the environment got it (the exact scaling:
+    assert len(actions) >= sum(2 * float(row["evaluation/length"]) for row in rows)  # the test above)
+    assert np.abs(actions).max() <= 3
+
+    finetune = script("eval.py", "finetune", "--checkpoint", str(run), "--online_steps", "60", "--eval_interval", "30",
+                      "--eval_episodes", "2", "--log_interval", "15", "--save_interval", "30", env=env)
+    assert finetune.returncode == 0 and console(finetune) == [], finetune.stderr[-3000:]
+    online = read_csv(tmp_path / "run-finetune" / "train.csv")
+    assert [row["step"] for row in online] == ["15", "30", "45", "60"]
+    # an episode of at most 40 steps has ended: its length and return, no success (the env has none)
+    assert 0 < float(online[-1]["exploration/length"]) <= 40 and "exploration/success" not in online[-1]
+    assert [row["step"] for row in read_csv(tmp_path / "run-finetune" / "eval.csv")] == ["30", "60", "68"]
+    table = script("eval.py", "table", str(run), env=env)
+    assert table.returncode == 0, table.stderr[-3000:]
+    score = float(rows[-1]["evaluation/score"])
+    assert table.stdout.splitlines()[2] == f"| minari:test/pendulum-v0 |  |  | 1 | 8 | {score:.1f} | 0.0 |  |"
+
+
+@slow
+def test_a_grid_on_a_minari_dataset_of_dict_observations(minari_data, tmp_path):
+    """Goal-conditioned PointMaze data (Dict observations, success, no reference scores): a grid of seeds and alphas
+    trains and evaluates each agent in the dataset's environment; --tasks is OGBench's alone."""
+    env = dict(MINARI_DATASETS_PATH=minari_data)
+    result = script(*minari_command(tmp_path / "grid", "pointmaze", "--seeds", "0", "1", "--alphas", "1", "10",
+                                    "--offline_steps", "4", "--eval_interval", "4"), env=env)
+    assert result.returncode == 0 and console(result) == [], result.stderr[-3000:]
+    runs = sorted((tmp_path / "grid").iterdir())
+    assert [run.name for run in runs] == sorted(f"alpha{a}__seed{s}" for a in (1, 10) for s in (0, 1))
+    for run in runs:
+        (row,) = read_csv(run / "eval.csv")
+        assert float(row["evaluation/length"]) == 30 and "evaluation/score" not in row
+        assert 0 <= float(row["evaluation/success"]) <= 1
+    table = script("eval.py", "table", *map(str, runs), env=env)
+    assert "| minari:test/pointmaze-v0 |  | alpha=1.0 | 2 | 4 |" in table.stdout  # its return
+    one_line_error(script(*minari_command(tmp_path / "tasks", "pointmaze", "--tasks", "1", "2"), env=env),
+                   "--tasks is for OGBench envs")
+
+
+@slow
+def test_readmes_own_data_becomes_a_minari_dataset_that_fql_trains_on(tmp_path, monkeypatch):
+    """README's block, run as written on episodes of the shapes it names, makes a dataset that README's command for
+    own data (`--eval_interval 0`) trains on."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    rng = np.random.default_rng(0)
+    my_episodes = [(rng.normal(size=(n + 1, 6)), rng.uniform(-1, 1, (n, 2)), rng.normal(size=n), np.arange(n) == n - 1,
+                    np.zeros(n, bool)) for n in (5, 9, 7)]
+    exec(readme_python("my/robot-logs-v0"), {"my_episodes": my_episodes})
+    (command,) = [line for line in open(os.path.join(HERE, "README.md")) if "minari:my/robot-logs-v0" in line]
+    result = script(*command.split("#")[0].split()[1:], "--run_dir", str(tmp_path / "run"), "--offline_steps", "3",
+                    "--batch_size", "8", "--no-compile", *SMALL, env=dict(MINARI_DATASETS_PATH=str(tmp_path / "minari")))
+    assert result.returncode == 0 and console(result) == [], result.stderr[-3000:]
+    state = fql.read_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    assert state["step"] == 3 and state["observation_shape"] == (6,) and state["action_dim"] == 2
+
+
+@slow
+def test_minari_datasets_fql_cannot_use_are_refused_in_one_line(minari_data, tmp_path):
+    """An unknown id (its download fails: no network), Discrete actions, images, a truncated or missing data file,
+    and a user's data without an environment while evaluation is on: each one line, nothing written. That data
+    trains with --eval_interval 0."""
+    env = dict(MINARI_DATASETS_PATH=minari_data)
+    for dataset, message in (("nope", "could not load Minari dataset test/nope-v0"),
+                             ("cartpole", "bounded continuous actions, not Box"),
+                             ("images", "vector observations and bounded continuous actions, not Box(0, 255, (32, 32, 3)"),
+                             ("broken", "could not load Minari dataset test/broken-v0 (OSError"),
+                             ("empty", "could not load Minari dataset test/empty-v0 (ValueError"),
+                             ("own", "minari:test/own-v0 has no environment to evaluate or fine-tune in")):
+        result = script(*minari_command(tmp_path / "run", dataset, "--offline_steps", "2"), env=env)
+        one_line_error(result, message, *["and Discrete(2)"] * (dataset == "cartpole"))
+        assert files_in(tmp_path) == {}, dataset
+    own = script(*minari_command(tmp_path / "run", "own", "--offline_steps", "2", "--eval_interval", "0"), env=env)
+    assert own.returncode == 0 and console(own) == [], own.stderr[-3000:]
+    assert fql.read_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------
