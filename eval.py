@@ -48,12 +48,13 @@ def make_env(env_name, frame_stack=None, **kwargs):
     the `frame_stack` latest frames as the training data does."""
     if frame_stack:
         return FrameStack(make_env(env_name, **kwargs), frame_stack)
-    if env_name.startswith("antmaze") and env_name in fql.D4RL:
-        maze, goal_cell, episode_length = D4RL_MAZES[env_name.split("-")[1]]
+    if env_name in fql.D4RL:  # <domain>-<maze size or dataset>-v<version>
+        domain, maze_size, *_ = env_name.split("-")
+        if domain != "antmaze":
+            return make_adroit_env(domain, **kwargs)
+        maze, goal_cell, episode_length = D4RL_MAZES[maze_size]
         env = d4rl_antmaze_class()(maze, goal_cell, **kwargs)
         return gymnasium.wrappers.TimeLimit(env, episode_length)
-    if env_name in fql.D4RL:
-        return make_adroit_env(env_name.split("-")[0], **kwargs)
     if env_name.startswith("minari:"):
         return make_minari_env(env_name, **kwargs)
     return ogbench.make_env_and_datasets(env_name, env_only=True, **kwargs)
@@ -240,7 +241,7 @@ def d4rl_adroit_reward(task, env):
     """D4RL's dense reward of the door, hammer and relocate tasks (with its bonuses) at the current
     state."""
     data = env.data
-    sites = env.data.site_xpos
+    sites = data.site_xpos
     if task == "door":
         door = data.qpos[env.door_hinge_addrs]
         reward = -0.1 * np.linalg.norm(sites[env.grasp_site_id] - sites[env.handle_site_id])
@@ -257,10 +258,10 @@ def d4rl_adroit_reward(task, env):
         lifted = obj[2] > 0.04 and tool[2] > 0.04
         return float(reward + 2 * lifted + 25 * (nail_to_goal < 0.02) + 75 * (nail_to_goal < 0.01))
     target = sites[env.target_obj_site_id]  # relocate
+    obj_to_target = np.linalg.norm(obj - target)
     reward = -0.1 * np.linalg.norm(palm - obj)
     if obj[2] > 0.04:
-        reward += 1.0 - 0.5 * np.linalg.norm(palm - target) - 0.5 * np.linalg.norm(obj - target)
-    obj_to_target = np.linalg.norm(obj - target)
+        reward += 1.0 - 0.5 * np.linalg.norm(palm - target) - 0.5 * obj_to_target
     return float(reward + 10 * (obj_to_target < 0.1) + 20 * (obj_to_target < 0.05))
 
 
@@ -450,9 +451,9 @@ class ReplayBuffer:
     def state_dict(self, agent):
         """Agent `agent`'s online rows: one reward and mask column (every task's holds its own)."""
         rows = self.online_rows(agent)
-        rows = {k: v[rows][:, :1] if k in ("rewards", "masks") else v[rows]
-                for k, v in self.data.items()}
-        return dict(added=self.added, rows={k: v.cpu() for k, v in rows.items()})
+        columns = {k: (v[rows][:, :1] if k in ("rewards", "masks") else v[rows]).cpu()
+                   for k, v in self.data.items()}
+        return dict(added=self.added, rows=columns)
 
     def load_state_dicts(self, states):
         """Each agent's online rows from its state_dict."""
@@ -594,8 +595,8 @@ def checkpoint_path(path):
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or "
-                         "the file")
+        raise UsageError(
+            f"no checkpoint at {path}: give a run folder that holds checkpoint.pt, or the file")
     return path
 
 
@@ -654,11 +655,10 @@ def plot_runs(args):
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
     for color, (settings, config, runs, _) in enumerate(run_groups(args.runs)):
         task = config["task"] and f"task {config['task']}"
-        label = ", ".join(filter(None, [config["env"], task, settings]))
-        label += f" (n={len(runs)})"
+        label = ", ".join(filter(None, [config["env"], task, settings])) + f" (n={len(runs)})"
         for ax, (file, metric) in zip(axes, metrics, strict=True):
             curves = [read_curve(os.path.join(run, file), metric) for run in runs]
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            steps = sorted(set.intersection(*map(set, curves)))
             if not steps:
                 continue
             values = np.array([[c[s] for s in steps] for c in curves])
@@ -692,6 +692,7 @@ def table_runs(args):
     tasks = {}  # (env, settings): {task: {seed: score}}
     for settings, config, runs, seeds in run_groups(args.runs):
         env = config["env"]
+        task = config["task"]
         last = env in fql.D4RL or env.startswith("minari:")  # a score, or else the return
         paths = [os.path.join(run, "eval.csv") for run in runs]
         curves = [read_curve(path, "evaluation/success") for path in paths]
@@ -703,10 +704,10 @@ def table_runs(args):
             raise UsageError(f"{', '.join(runs)}: no evaluation at a step all these runs reached")
         scores = [np.mean([curve[step] for step in steps]) * (1 if last else 100)
                   for curve in curves]
-        tasks.setdefault((env, settings), {})[config["task"]] = dict(zip(seeds, scores))
-        task_env = f"{env}-singletask-task{config['task']}-v0" if config["task"] else env
+        tasks.setdefault((env, settings), {})[task] = dict(zip(seeds, scores))
+        task_env = f"{env}-singletask-task{task}-v0" if task else env
         paper = fql.PAPER.get(task_env, "")  # OGBench's per-env figures are means over its tasks
-        rows.append(table_row(env, config["task"], settings, steps, scores, paper))
+        rows.append(table_row(env, task, settings, steps, scores, paper))
     for (env, settings), by_task in tasks.items():
         common = sorted(set.intersection(*map(set, by_task.values())))  # seeds of every task
         if len(by_task) > 1 and common:
@@ -750,9 +751,8 @@ def benchmark(cfg, shapes=None, seconds=3.0):
     observation_shape = fql.stacked_shape(data)
     on_cuda = cfg.device.startswith("cuda")
     torch.set_float32_matmul_precision("high" if on_cuda else "highest")  # as in training
-    device_name = f"CPU, {torch.get_num_threads()} threads"
-    if on_cuda:
-        device_name = torch.cuda.get_device_name(cfg.device)
+    device_name = torch.cuda.get_device_name(cfg.device) if on_cuda else \
+        f"CPU, {torch.get_num_threads()} threads"
     print(f"FQL training step, observation {observation_shape}, action {action_dim}, horizon "
           f"{cfg.horizon}, batch {cfg.batch_size}, critic {cfg.value_hidden_dims}, actors "
           f"{cfg.actor_hidden_dims}, encoder {cfg.encoder}; {device_name}, "
@@ -781,7 +781,7 @@ def benchmark(cfg, shapes=None, seconds=3.0):
                     online = Finetuning(grid, fql.agent_runs(grid), data, workers)
                     rate = steps_per_second(lambda: online.collect(agent.act), seconds)
                 results[name, agents] = rate
-                unit = "env steps/s" if name == "online loop" else "updates/s"
+                unit = "updates/s" if flags else "env steps/s"
                 if agents > 1:
                     unit = (f"{unit} of {agents} agents = {rate * agents:.1f} agent-{unit}, "
                             f"{rate * agents / results[name, 1]:.2f}x one agent")
@@ -793,11 +793,12 @@ def random_data(cfg, observation_shape, action_dim):
     """A random dataset of these shapes on the device, as fql.to_device gives it: 100K transitions
     (pixels: 10K compact frames, as the pixel datasets), a column of rewards and masks per task."""
     rng = np.random.default_rng(cfg.seed)
-    n = 10_000 if len(observation_shape) == 3 else 100_000
     if len(observation_shape) == 3:
+        n = 10_000
         observations = rng.integers(0, 256, (n, *observation_shape), dtype=np.uint8)
         layout = dict(valids=np.arange(n) < n - 1)
     else:
+        n = 100_000
         observations = rng.normal(size=(n, *observation_shape))
         layout = dict(next_observations=observations[::-1])
     tasks = len(cfg.tasks or [0])
@@ -917,7 +918,7 @@ def run_finetune(args):
     for path in map(checkpoint_path, args.checkpoint):
         state = load_agent(path, "cpu")[1]
         run = fql.Config(**dict(state["config"], run_dir=os.path.dirname(os.path.abspath(path))))
-        saved[run.env, run.alpha, run.seed] = state, run
+        saved[grid_key(run)] = state, run
     envs, alphas, seeds = (sorted(set(axis)) for axis in zip(*saved))
     state, first = next(iter(saved.values()))
     changes = {k: v for k, v in asdict(args).items() if k != "checkpoint"}
@@ -929,12 +930,11 @@ def run_finetune(args):
                        tasks=tuple(int(env[-4]) for env in envs))
     cfg = fql.resolve_config(replace(first, **changes))
     runs = fql.agent_runs(cfg)
-    if len(runs) != len(args.checkpoint) or any((run.env, run.alpha, run.seed) not in saved
-                                                 for run in runs):
+    if len(runs) != len(args.checkpoint) or any(grid_key(run) not in saved for run in runs):
         raise UsageError("these checkpoints are not a grid (every combination of their tasks, "
                          "alphas and seeds, each once): fine-tune them apart")
     for run in runs:
-        state, saved_run = saved[run.env, run.alpha, run.seed]
+        state, saved_run = saved[grid_key(run)]
         free = fql.RESUMABLE_CHANGES | changes.keys()
         if state["step"] != cfg.offline_steps or any(
                 getattr(saved_run, k) != v for k, v in asdict(run).items() if k not in free):
@@ -946,10 +946,15 @@ def run_finetune(args):
     for run in runs:  # a new fine-tuning run continues the offline agent, in its own folder
         if not os.path.exists(run.checkpoint):
             os.makedirs(run.run_dir, exist_ok=True)
-            state = saved[run.env, run.alpha, run.seed][0]
+            state = saved[grid_key(run)][0]
             fql.write_atomically(run.checkpoint, partial(
                 torch.save, dict(state, config=asdict(run), buffer=None)))
     return train(cfg)
+
+
+def grid_key(run):
+    """A run's place in a grid: (env, alpha, seed)."""
+    return run.env, run.alpha, run.seed
 
 
 def folder_template(run):

@@ -845,20 +845,19 @@ def minari_dataset(env_name):
 
     # huggingface_hub's download retries warn on the console; the one line below says it all
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
-    name = env_name.removeprefix("minari:")
     try:
-        dataset = minari.load_dataset(name, download=True)
+        dataset = minari.load_dataset(env_name.removeprefix("minari:"), download=True)
         dataset[0]  # a broken or empty file fails here, not only at its first episode's read
     except Exception as err:  # Minari has no errors of its own: FileNotFoundError, httpx's, ...
-        raise UsageError(f"could not load Minari dataset {name} ({type(err).__name__}: "
+        raise UsageError(f"could not load the Minari dataset of {env_name} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0]}): check the id and the network; a broken "
                          "copy in MINARI_DATASETS_PATH (~/.minari/datasets): delete it") from None
-    observation_space, action_space = dataset.observation_space, dataset.action_space
-    bounds = [getattr(action_space, "low", np.inf), getattr(action_space, "high", np.inf)]
+    action_space = dataset.action_space
     # a Discrete space has no bounds, a Dict no shape; images have 3 dimensions
-    if not np.isfinite(bounds).all() or len(getattr(observation_space, "shape", None) or ()) > 1:
-        raise UsageError(f"{name}: FQL trains on vector observations and bounded continuous "
-                         f"actions, not {observation_space} and {action_space}")
+    bounds = [getattr(action_space, "low", np.inf), getattr(action_space, "high", np.inf)]
+    if not np.isfinite(bounds).all() or len(dataset.observation_space.shape or ()) > 1:
+        raise UsageError(f"{env_name}: FQL trains on vector observations and bounded continuous "
+                         f"actions, not {dataset.observation_space} and {action_space}")
     return dataset
 
 
@@ -868,7 +867,7 @@ def load_minari(env_name):
     scaled to [-1, 1] from the action space's bounds (eval.py scales the policy's back)."""
     dataset = minari_dataset(env_name)
     episodes = []
-    for episode in dataset.iterate_episodes():
+    for episode in dataset:
         observations = episode.observations
         if isinstance(observations, dict):  # (goal-conditioned mazes) flattened as gymnasium
             # flattens a Dict: its parts, each a vector, concatenated in its order
@@ -877,10 +876,11 @@ def load_minari(env_name):
         episodes.append(dict(observations=observations[:-1], next_observations=observations[1:],
                              actions=episode.actions, rewards=episode.rewards,
                              masks=1 - episode.terminations,
-                             terminals=np.arange(len(episode.actions)) == len(episode.actions) - 1))
+                             # steps to the episode's end: 1 at its last step
+                             terminals=np.arange(len(episode.actions), 0, -1) == 1))
     data = {k: np.concatenate([episode[k] for episode in episodes]) for k in episodes[0]}
-    low, high = dataset.action_space.low, dataset.action_space.high
-    data["actions"] = 2 * (data["actions"] - low) / (high - low) - 1
+    space = dataset.action_space
+    data["actions"] = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
     return data
 
 
@@ -1174,9 +1174,8 @@ def agent_runs(cfg):
         task = cfg.tasks[column] if cfg.tasks else None
         env = re.sub(r"-v0$", f"-task{task}-v0", cfg.env) if task else cfg.env
         # its folder: its task, alpha and seed in the grid's run_dir
-        run_dir = cfg.run_dir.replace("{task}", str(task)).replace("{alpha}", f"{alpha:g}")
         run = replace(cfg, env=env, tasks=None, alpha=alpha, alphas=None, seed=seed, seeds=(seed,),
-                      run_dir=run_dir.replace("{seed}", str(seed)))
+                      run_dir=cfg.run_dir.format(task=task, alpha=f"{alpha:g}", seed=seed))
         if run.run_dir in [other.run_dir for other in runs]:
             raise UsageError(f"--run_dir {cfg.run_dir} gives two agents one folder: name each "
                              "axis of the grid in it ({task}, {alpha}, {seed})")

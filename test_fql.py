@@ -2745,7 +2745,7 @@ class ImageEnv(gymnasium.Env):
 def minari_data(tmp_path_factory):
     """A Minari folder: pendulum (Box observations, actions in [-3, 3], reference scores), pointmaze (Dict
     observations, success, no reference scores), own (a user's data: no environment), and the bad: cartpole
-    (Discrete actions), images, broken (a truncated data file), empty (no data file)."""
+    (Discrete actions), images, unbounded (actions), broken (a truncated data file), empty (no data file)."""
     import gymnasium_robotics
 
     gymnasium.register_envs(gymnasium_robotics)
@@ -2761,6 +2761,8 @@ def minari_data(tmp_path_factory):
         write_minari_dataset("test/cartpole-v0", gymnasium.make("CartPole-v1"), 2)
         write_minari_dataset("test/images-v0", ImageEnv(), 2, env=None, observation_space=ImageEnv.observation_space,
                              action_space=ImageEnv.action_space)
+        write_minari_dataset("test/unbounded-v0", pendulum, 2, env=None, observation_space=pendulum.observation_space,
+                             action_space=gymnasium.spaces.Box(-np.inf, np.inf, (1,)))
         for broken in ("broken", "empty"):
             dataset = write_minari_dataset(f"test/{broken}-v0", pendulum, 2)
             data_file = os.path.join(dataset.spec.data_path, "main_data.hdf5")
@@ -2901,15 +2903,16 @@ def test_readmes_own_data_becomes_a_minari_dataset_that_fql_trains_on(tmp_path, 
 
 @slow
 def test_minari_datasets_fql_cannot_use_are_refused_in_one_line(minari_data, tmp_path):
-    """An unknown id (its download fails: no network), Discrete actions, images, a truncated or missing data file,
-    and a user's data without an environment while evaluation is on: each one line, nothing written. That data
-    trains with --eval_interval 0."""
+    """An unknown id (its download fails: no network), Discrete or unbounded actions, images, a truncated or missing
+    data file, and a user's data without an environment while evaluation is on: each one line, nothing written.
+    That data trains with --eval_interval 0."""
     env = dict(MINARI_DATASETS_PATH=minari_data)
-    for dataset, message in (("nope", "could not load Minari dataset test/nope-v0"),
+    for dataset, message in (("nope", "could not load the Minari dataset of minari:test/nope-v0"),
                              ("cartpole", "bounded continuous actions, not Box"),
                              ("images", "vector observations and bounded continuous actions, not Box(0, 255, (32, 32, 3)"),
-                             ("broken", "could not load Minari dataset test/broken-v0 (OSError"),
-                             ("empty", "could not load Minari dataset test/empty-v0 (ValueError"),
+                             ("unbounded", "bounded continuous actions, not Box(-inf, inf, (4,), float64) and Box(-inf, inf, (1,)"),
+                             ("broken", "could not load the Minari dataset of minari:test/broken-v0 (OSError"),
+                             ("empty", "could not load the Minari dataset of minari:test/empty-v0 (ValueError"),
                              ("own", "minari:test/own-v0 has no environment to evaluate or fine-tune in")):
         result = script(*minari_command(tmp_path / "run", dataset, "--offline_steps", "2"), env=env)
         one_line_error(result, message, *["and Discrete(2)"] * (dataset == "cartpole"))
