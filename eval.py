@@ -64,7 +64,7 @@ def make_minari_env(env_name, **kwargs):
     """A Minari dataset's evaluation environment as its data looks to FQL: Dict observations
     flattened (in the Dict's order, as fql.load_minari does), the policy's actions in [-1, 1]
     scaled to the action space's bounds."""
-    dataset = fql.minari_dataset(env_name)
+    dataset = fql.open_minari_dataset(env_name)
     try:  # (gymnasium-robotics' import prints a notice of its Adroit rewards: README says it)
         with contextlib.redirect_stderr(io.StringIO()):
             env = dataset.recover_environment(eval_env=True, **kwargs)
@@ -282,7 +282,7 @@ def with_score(env_name, result):
         import minari
 
         try:
-            score = minari.get_normalized_score(fql.minari_dataset(env_name), result["return"])
+            score = minari.get_normalized_score(fql.open_minari_dataset(env_name), result["return"])
         except ValueError:  # no reference scores
             return result
         return dict(result, score=100 * float(score))

@@ -113,7 +113,8 @@ class Config:
     balanced_sampling: bool = False
     """fine-tuning batches: half from the offline dataset, half from the online transitions"""
     log_interval: int = 5_000
-    """steps between train/validation metric rows in train.csv"""
+    """steps between train/validation metric rows in train.csv (validation batches draw from the
+    agents' generators: another value on --resume changes the random stream from there on)"""
     eval_interval: int = 100_000
     """steps between evaluations in the environment (0: never)"""
     eval_episodes: int = 50
@@ -164,13 +165,26 @@ class Dense(nn.Module):
         return x @ self.weight + self.bias
 
 
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm (eps 1e-6) with its own scale and shift per member, as flax's vmapped LayerNorm."""
+
+    def __init__(self, members, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(members, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(members, 1, dim))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight + self.bias
+
+
 class MLP(nn.Module):
     """The official MLP: hidden layers Dense -> GELU (tanh form, flax's nn.gelu), then a Dense
     output. The observation, the first input, goes through `encoder` first, unless it comes
     `encoded` already. With `members`, the critic: that many independent MLPs as one batched
     matmul a layer, each hidden layer followed by a LayerNorm, each member's output a scalar
     Q(s, a), (members, batch); the members read the same encoded observation, as officially.
-    (EnsembleLayerNorm is defined below.)"""
+    (The official MLP has LayerNorm only in the critic, `actor_layer_norm=False`: here `members`
+    marks the critic.)"""
 
     def __init__(self, in_dim, hidden_dims, out_dim, encoder, members=None):
         super().__init__()
@@ -188,18 +202,6 @@ class MLP(nn.Module):
         features = obs if encoded else self.encoder(obs)
         out = self.net(torch.cat([features, *inputs], dim=-1))
         return out.squeeze(-1) if self.members else out
-
-
-class EnsembleLayerNorm(nn.Module):
-    """LayerNorm (eps 1e-6) with its own scale and shift per member, as flax's vmapped LayerNorm."""
-
-    def __init__(self, members, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(members, 1, dim))
-        self.bias = nn.Parameter(torch.zeros(members, 1, dim))
-
-    def forward(self, x):
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * self.weight + self.bias
 
 
 class ResnetStack(nn.Module):
@@ -273,7 +275,7 @@ class FQLNetworks(nn.Module):
         self.actor_onestep = MLP(dim + chunk, cfg.actor_hidden_dims, chunk, encoders[2])
 
     def forward(self, batch, noise, alpha, cfg, with_metrics):
-        """fql_losses of these networks. The losses are this module's forward because
+        """Not an action nor a value: this module's forward is fql_losses of its networks, because
         torch.func.functional_call, which FQLAgent maps over its agents with torch.vmap, calls a
         module's forward with the parameters it is given (an agent's)."""
         return fql_losses(self, batch, noise, alpha, cfg, with_metrics)
@@ -403,8 +405,10 @@ class FQLAgent:
         cuda = cfg.device.startswith("cuda")
         self.optimizer = torch.optim.Adam(trained, lr=cfg.lr, fused=cuda, capturable=cuda)
         # torch.compile fuses the losses' forward and backward (shapes and config are fixed).
-        # fullgraph: a graph break, where the compiled code would hand back to Python in the middle
-        # of a step (and a CUDA graph could not hold it), is an error, not a silent slowdown
+        # fullgraph=True: a graph break (Python in mid-step, often a host synchronisation such as
+        # .item(), which would also break the CUDA graph's capture) is an error, not a silent
+        # split of the step. It also makes torch.compile's limit of 8 compilations of a function
+        # per process an error (each config of agents takes 2, with and without metrics)
         self.losses = self.losses_eager
         self.policy = self.policy_eager
         if cfg.compile:
@@ -541,6 +545,8 @@ class CUDAGraphStep:
         with torch.cuda.stream(torch.cuda.Stream()):
             outputs = self.fn()
         torch.cuda.synchronize()
+        # capturing records the kernels without running them: this first call makes one update,
+        # the eager one above
         self.graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
             self.graph.register_generator_state(generator)
@@ -732,13 +738,16 @@ def check_values(cfg):
 
 # ---- Datasets: OGBench, D4RL, Minari; moved to the device once, sampled there ------------------
 def headless_mujoco():
-    """Call before MuJoCo loads: it renders through EGL where EGL is installed (else, without a
-    display, it tries GLFW and warns)."""
+    """Call before anything loads MuJoCo (load_ogbench; eval.py at its import). It does two things:
+    MUJOCO_GL=egl where libEGL exists, so that MuJoCo renders without a display (else it tries
+    GLFW and warns); and Triton imported first, which keeps a process that renders from crashing
+    (below)."""
     if ctypes.util.find_library("EGL"):
         os.environ.setdefault("MUJOCO_GL", "egl")
-    # Mesa's OpenGL (EGL's software renderer) loads Mesa's LLVM into the process's global symbols.
-    # Triton (torch.compile and Adam import it) loaded after that binds its own LLVM's start-up
-    # code to Mesa's and dies by SIGSEGV; loaded before MuJoCo, it keeps its own
+    # Mesa's EGL (its llvmpipe renderer, on CPUs and in containers without NVIDIA's graphics
+    # libraries) loads Mesa's LLVM into the process's global symbols. A Triton loaded after that
+    # (torch.compile and Adam import it) binds its own LLVM's start-up code to Mesa's and dies by
+    # SIGSEGV; loaded before MuJoCo, it keeps its own
     try:
         import triton  # noqa: F401
     except ImportError:  # torch's CPU build comes without Triton
@@ -838,9 +847,10 @@ def load_d4rl(name):
     return dataset
 
 
-def minari_dataset(env_name):
+def open_minari_dataset(env_name):
     """The Minari dataset of minari:<id>, from Minari's folder (MINARI_DATASETS_PATH, else
-    ~/.minari/datasets), downloaded there when missing; one FQL can train on, else one line."""
+    ~/.minari/datasets), downloaded there when missing, if FQL can train on it (vector
+    observations, bounded continuous actions); else a one-line UsageError."""
     import minari
 
     # huggingface_hub's download retries warn on the console; the one line below says it all
@@ -853,7 +863,8 @@ def minari_dataset(env_name):
                          f"{str(err).splitlines()[0]}): check the id and the network; a broken "
                          "copy in MINARI_DATASETS_PATH (~/.minari/datasets): delete it") from None
     action_space = dataset.action_space
-    # a Discrete space has no bounds, a Dict no shape; images have 3 dimensions
+    # refused: actions without finite bounds (Discrete has none), observations of 2 or more
+    # dimensions (images); a Dict of vectors (its shape is None) passes: load_minari flattens it
     bounds = [getattr(action_space, "low", np.inf), getattr(action_space, "high", np.inf)]
     if not np.isfinite(bounds).all() or len(dataset.observation_space.shape or ()) > 1:
         raise UsageError(f"{env_name}: FQL trains on vector observations and bounded continuous "
@@ -865,9 +876,10 @@ def load_minari(env_name):
     """A Minari dataset's episodes as transitions: s' the episode's next observation, mask =
     1 - termination, an episode's end at its last step (a termination or a truncation); actions
     scaled to [-1, 1] from the action space's bounds (eval.py scales the policy's back)."""
-    dataset = minari_dataset(env_name)
+    dataset = open_minari_dataset(env_name)
     episodes = []
     for episode in dataset:
+        steps = len(episode.actions)
         observations = episode.observations
         if isinstance(observations, dict):  # (goal-conditioned mazes) flattened as gymnasium
             # flattens a Dict: its parts, each a vector, concatenated in its order
@@ -876,8 +888,8 @@ def load_minari(env_name):
         episodes.append(dict(observations=observations[:-1], next_observations=observations[1:],
                              actions=episode.actions, rewards=episode.rewards,
                              masks=1 - episode.terminations,
-                             # steps to the episode's end: 1 at its last step
-                             terminals=np.arange(len(episode.actions), 0, -1) == 1))
+                             # the episode's last step (a termination or a truncation)
+                             terminals=np.arange(steps) == steps - 1))
     data = {k: np.concatenate([episode[k] for episode in episodes]) for k in episodes[0]}
     space = dataset.action_space
     data["actions"] = 2 * (data["actions"] - space.low) / (space.high - space.low) - 1
@@ -990,6 +1002,18 @@ def stacked_shape(data):
     return tuple(data["observations"].shape[1:])
 
 
+def device_splits(cfg, runs):
+    """The runs' train and validation splits (OGBench's; D4RL and Minari have no validation
+    split), each one copy on the device shared by all agents, a column of rewards and masks per
+    task."""
+    splits = load_datasets(list(dict.fromkeys(run.env for run in runs)), cfg.dataset_dir)
+    splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse)
+              for split in splits if split]
+    if min(len(split["actions"]) for split in splits) < cfg.horizon:
+        raise UsageError(f"--horizon {cfg.horizon} is longer than a split of {cfg.env}'s dataset")
+    return splits
+
+
 # ---- Checkpoints and logs: nothing written is lost when a run is killed --------------------------
 # Fields that may change between a killed run and its resumption (run_dir: the same folder,
 # spelled another way)
@@ -1051,9 +1075,8 @@ def read_checkpoint(path):
     try:  # every part, a config of this fql.py, and networks of the shapes its config builds
         state["config"].pop("buffer_size", None)  # a flag of earlier releases
         config = Config(**state["config"])  # a field this fql.py does not have: TypeError
-        missing = {"optimizer", "rng", "step", "buffer"} - state.keys()
-        if missing:
-            raise KeyError(", ".join(sorted(missing)))
+        for part in ("optimizer", "rng", "step", "buffer"):  # a KeyError names a missing one
+            state[part]
         state["config"] = asdict(config)
         with torch.device("meta"):  # shapes only, no memory
             nets = FQLNetworks(state["observation_shape"], state["action_dim"], config)
@@ -1173,9 +1196,11 @@ def agent_runs(cfg):
     for column, alpha, seed in agent_grid(cfg):
         task = cfg.tasks[column] if cfg.tasks else None
         env = re.sub(r"-v0$", f"-task{task}-v0", cfg.env) if task else cfg.env
-        # its folder: its task, alpha and seed in the grid's run_dir
+        # its folder: its task, alpha and seed in the grid's run_dir (not str.format: a folder's
+        # name may hold other braces)
+        run_dir = cfg.run_dir.replace("{task}", str(task)).replace("{alpha}", f"{alpha:g}")
         run = replace(cfg, env=env, tasks=None, alpha=alpha, alphas=None, seed=seed, seeds=(seed,),
-                      run_dir=cfg.run_dir.format(task=task, alpha=f"{alpha:g}", seed=seed))
+                      run_dir=run_dir.replace("{seed}", str(seed)))
         if run.run_dir in [other.run_dir for other in runs]:
             raise UsageError(f"--run_dir {cfg.run_dir} gives two agents one folder: name each "
                              "axis of the grid in it ({task}, {alpha}, {seed})")
@@ -1208,25 +1233,13 @@ def open_run(cfg, runs, agent, online):
     return start
 
 
-def device_splits(cfg, runs):
-    """The runs' train and validation splits (OGBench's; D4RL and Minari have no validation
-    split), each one copy on the device shared by all agents, a column of rewards and masks per
-    task."""
-    splits = load_datasets(list(dict.fromkeys(run.env for run in runs)), cfg.dataset_dir)
-    splits = [to_device(split, cfg.device, cfg.frame_stack, cfg.sparse)
-              for split in splits if split]
-    if min(len(split["actions"]) for split in splits) < cfg.horizon:
-        raise UsageError(f"--horizon {cfg.horizon} is longer than a split of {cfg.env}'s dataset")
-    return splits
-
-
 def validation_metrics(agent, validation_data):
     """The losses on a batch of the validation split (the list holds it, or is empty), each
     agent's, as "validation/..." metrics. Its batch and noise come from the agents' own
     generators, so the random streams depend on --log_interval."""
     if not validation_data:  # (D4RL and Minari have no validation split)
         return {}
-    with torch.no_grad():
+    with torch.no_grad():  # eager: compiled under no_grad, the losses would compile once more
         sample = partial(sample_batch, validation_data[0], cfg=agent.cfg)
         _, metrics = agent.losses_eager(*agent.draw(sample), True)
     return {f"validation/{k}": v for k, v in metrics.items()}
@@ -1259,7 +1272,7 @@ def train(cfg, evaluate=None, finetuning=None):
     # grace period). The step it interrupts is finished and saved, so that the requeued job, the
     # same command with --resume, repeats nothing
     stop = []
-    on_sigterm = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
         for step in log.progress:  # Algorithm 1
             with_metrics = step % cfg.log_interval == 0
@@ -1270,9 +1283,7 @@ def train(cfg, evaluate=None, finetuning=None):
                 metrics = online_step(with_metrics)
 
             if with_metrics:  # the only host synchronisation of an offline step
-                # (`metrics` may be a CUDA graph's outputs, whose validation keys are rewritten
-                # at every log)
-                metrics |= validation_metrics(agent, validation_data)
+                metrics = metrics | validation_metrics(agent, validation_data)
                 log.train(step, metrics,
                           online.log() if step > cfg.offline_steps else [{}] * len(runs))
 
@@ -1287,7 +1298,7 @@ def train(cfg, evaluate=None, finetuning=None):
                 raise SystemExit(f"stopped by SIGTERM at step {step}, saved in {where}; the "
                                  "same command with --resume continues")
     finally:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGTERM, previous_sigterm)
     log.progress.close()
     return agent
 
