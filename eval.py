@@ -70,7 +70,7 @@ def make_minari_env(env_name, **kwargs):
             env = dataset.recover_environment(eval_env=True, **kwargs)
     except (ValueError, gymnasium.error.Error) as err:  # a user's own data: no environment
         raise UsageError(f"{env_name} has no environment to evaluate or fine-tune in ({err}); "
-                         "train on it with --eval_interval 0") from None
+                         "train on it offline: --eval_interval 0, no --online_steps") from None
     if isinstance(env.observation_space, gymnasium.spaces.Dict):
         env = gymnasium.wrappers.FlattenObservation(env)
     return gymnasium.wrappers.RescaleAction(env, -1.0, 1.0)
