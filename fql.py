@@ -860,8 +860,9 @@ def open_minari_dataset(env_name):
         dataset[0]  # a broken or empty file fails here, not only at its first episode's read
     except Exception as err:  # Minari has no errors of its own: FileNotFoundError, httpx's, ...
         raise UsageError(f"could not load the Minari dataset of {env_name} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}): check the id and the network; a broken "
-                         "copy in MINARI_DATASETS_PATH (~/.minari/datasets): delete it") from None
+                         f"{str(err).splitlines()[0]}): check the id (as D4RL/pen/human-v2)"
+                         " and the network; a broken copy in MINARI_DATASETS_PATH "
+                         "(~/.minari/datasets): delete it") from None
     action_space = dataset.action_space
     # refused: actions without finite bounds (Discrete has none), observations of 2 or more
     # dimensions (images); a Dict of vectors (its shape is None) passes: load_minari flattens it
